@@ -1,0 +1,159 @@
+//! MMDiT dual-stream patch block, `patch_blocks.{i}` (pid_spec §3.5; upstream
+//! `MMDiTBlockT2I` / `MMDiTJointAttention`, `pixeldit_official.py:550-728`).
+//!
+//! Image tokens `x (B, L, D)` and text tokens `y (B, Nt, D)` each get their own adaLN,
+//! norms, QKV and MLP, and attend jointly over [text; image] with no mask.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::attention::{apply_rope, merge_heads, sdpa, split_heads, AttentionBudget};
+use super::layers::{chunk_last, gated_add, map_row_chunks, modulate, Linear, RmsNorm};
+use super::Rope;
+
+/// Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
+const TOKEN_ROWS: usize = 8192;
+
+/// SwiGLU `w2(silu(w1 x) * w3 x)`, no biases.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: Linear::new(vb.pp("w1"), dim, hidden, false)?,
+            w2: Linear::new(vb.pp("w2"), hidden, dim, false)?,
+            w3: Linear::new(vb.pp("w3"), dim, hidden, false)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let rows = x.reshape((b * l, d))?;
+        map_row_chunks(&rows, TOKEN_ROWS, |r, _| {
+            self.w2.forward(&(self.w1.forward(r)?.silu()? * self.w3.forward(r)?)?)
+        })?
+        .reshape((b, l, d))
+    }
+}
+
+/// One stream's half of the joint attention: QKV projection, per-head q/k RMSNorm, output projection.
+#[derive(Debug, Clone)]
+struct StreamQkv {
+    qkv: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+}
+
+impl StreamQkv {
+    /// `x (B, N, D)` -> q, k, v each `(B, H, N, d)`, q and k normed and rotated.
+    fn forward(&self, x: &Tensor, heads: usize, rope: Option<&Rope>) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = self.qkv.forward(x)?;
+        let parts = chunk_last(&qkv, 3)?;
+        let q = split_heads(&parts[0], heads)?.apply(&self.q_norm)?;
+        let k = split_heads(&parts[1], heads)?.apply(&self.k_norm)?;
+        let v = split_heads(&parts[2], heads)?;
+        match rope {
+            Some(r) => Ok((apply_rope(&q, &r.cos, &r.sin)?, apply_rope(&k, &r.cos, &r.sin)?, v)),
+            None => Ok((q, k, v)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PatchBlock {
+    norm_x1: RmsNorm,
+    norm_y1: RmsNorm,
+    norm_x2: RmsNorm,
+    norm_y2: RmsNorm,
+    attn_x: StreamQkv,
+    attn_y: StreamQkv,
+    proj_x: Linear,
+    proj_y: Linear,
+    mlp_x: FeedForward,
+    mlp_y: FeedForward,
+    ada_ln_modulation_img: Linear,
+    ada_ln_modulation_txt: Linear,
+    heads: usize,
+}
+
+impl PatchBlock {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, ffn_hidden: usize) -> Result<Self> {
+        let head_dim = dim / heads;
+        let attn = vb.pp("attn");
+        let stream = |s: &str| -> Result<StreamQkv> {
+            Ok(StreamQkv {
+                qkv: Linear::new(attn.pp(format!("qkv_{s}")), dim, 3 * dim, false)?,
+                q_norm: RmsNorm::new(attn.pp(format!("q_norm_{s}")), head_dim)?,
+                k_norm: RmsNorm::new(attn.pp(format!("k_norm_{s}")), head_dim)?,
+            })
+        };
+        Ok(Self {
+            norm_x1: RmsNorm::new(vb.pp("norm_x1"), dim)?,
+            norm_y1: RmsNorm::new(vb.pp("norm_y1"), dim)?,
+            norm_x2: RmsNorm::new(vb.pp("norm_x2"), dim)?,
+            norm_y2: RmsNorm::new(vb.pp("norm_y2"), dim)?,
+            attn_x: stream("x")?,
+            attn_y: stream("y")?,
+            proj_x: Linear::new(attn.pp("proj_x"), dim, dim, true)?,
+            proj_y: Linear::new(attn.pp("proj_y"), dim, dim, true)?,
+            mlp_x: FeedForward::new(vb.pp("mlp_x"), dim, ffn_hidden)?,
+            mlp_y: FeedForward::new(vb.pp("mlp_y"), dim, ffn_hidden)?,
+            ada_ln_modulation_img: Linear::new(vb.pp("adaLN_modulation_img.0"), dim, 6 * dim, true)?,
+            ada_ln_modulation_txt: Linear::new(vb.pp("adaLN_modulation_txt.0"), dim, 6 * dim, true)?,
+            heads,
+        })
+    }
+
+    /// One block. `c (B, D)` is SiLU(t_emb). With `text_out = false` (the last block) the
+    /// text stream's update is skipped: nothing downstream reads it (pid_spec §3.5).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        c: &Tensor,
+        rope_img: &Rope,
+        rope_txt: Option<&Rope>,
+        text_out: bool,
+        budget: AttentionBudget,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        // (B, 1, D) chunks in order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+        let mx = chunk_last(&self.ada_ln_modulation_img.forward(&c.unsqueeze(1)?)?, 6)?;
+        let my = chunk_last(&self.ada_ln_modulation_txt.forward(&c.unsqueeze(1)?)?, 6)?;
+
+        let xn = modulate(&self.norm_x1.forward(x)?, &mx[0], &mx[1])?;
+        let yn = modulate(&self.norm_y1.forward(y)?, &my[0], &my[1])?;
+        let (qx, kx, vx) = self.attn_x.forward(&xn, self.heads, Some(rope_img))?;
+        let (qy, ky, vy) = self.attn_y.forward(&yn, self.heads, rope_txt)?;
+        let nt = y.dim(1)?;
+        let k = Tensor::cat(&[&ky, &kx], 2)?;
+        let v = Tensor::cat(&[&vy, &vx], 2)?;
+
+        let (attn_x, attn_y) = if text_out {
+            let out = sdpa(&Tensor::cat(&[&qy, &qx], 2)?, &k, &v, budget)?;
+            let lx = out.dim(2)? - nt;
+            (out.narrow(2, nt, lx)?, Some(out.narrow(2, 0, nt)?))
+        } else {
+            (sdpa(&qx, &k, &v, budget)?, None)
+        };
+
+        let x = gated_add(x, &mx[2], &self.proj_x.forward(&merge_heads(&attn_x)?)?)?;
+        let x = gated_add(&x, &mx[5], &self.mlp_x.forward(&modulate(&self.norm_x2.forward(&x)?, &mx[3], &mx[4])?)?)?;
+
+        let y = match attn_y {
+            None => None,
+            Some(attn_y) => {
+                let y = gated_add(y, &my[2], &self.proj_y.forward(&merge_heads(&attn_y)?)?)?;
+                let h = self.mlp_y.forward(&modulate(&self.norm_y2.forward(&y)?, &my[3], &my[4])?)?;
+                Some(gated_add(&y, &my[5], &h)?)
+            }
+        };
+        Ok((x, y))
+    }
+}

@@ -1,0 +1,201 @@
+//! Opening and validating safetensors weight files before any model is built.
+//!
+//! Everything here reads only headers (memory-mapped), so a wrong, truncated or
+//! corrupt file is reported by name before a single tensor is materialised.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::config::{LatentHint, NetConfig, IGNORED_PREFIXES};
+use crate::{Error, Result};
+
+/// Memory-map one or more safetensors files (a sharded set is one logical file).
+pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+        if meta.is_dir() {
+            return Err(Error::weights(p, "not_a_file", "expected a .safetensors file, got a directory"));
+        }
+        // Validate the header ourselves so the message says what is wrong with which file.
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        let mut len = [0u8; 8];
+        use std::io::Read;
+        if f.read_exact(&mut len).is_err() {
+            return Err(Error::weights(p, "not_safetensors", "file is shorter than a safetensors header (8 bytes)"));
+        }
+        let n = u64::from_le_bytes(len);
+        if n == 0 || n > 100 * 1024 * 1024 || n + 8 > meta.len() {
+            return Err(Error::weights(
+                p,
+                "not_safetensors",
+                format!(
+                    "not a safetensors file (header length {n} does not fit a {} byte file); \
+                     re-download it or convert the checkpoint to .safetensors",
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    // SAFETY: the files are opened read-only; like every mmap user we rely on them
+    // not being truncated while the decoder is alive.
+    unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
+        let msg = e.to_string();
+        let code = if msg.contains("Incomplete") || msg.contains("InvalidOffset") || msg.contains("buffer") {
+            "truncated"
+        } else {
+            "not_safetensors"
+        };
+        Error::weights(
+            paths.first().cloned().unwrap_or_default(),
+            code,
+            format!("cannot read safetensors ({msg}); the file is truncated or corrupt, re-download it"),
+        )
+    })
+}
+
+/// Name -> (dtype, shape) for every tensor in the files.
+pub fn tensor_index(st: &MmapedSafetensors) -> BTreeMap<String, (DType, Vec<usize>)> {
+    st.tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let dtype = DType::try_from(view.dtype()).ok()?;
+            Some((name, (dtype, view.shape().to_vec())))
+        })
+        .collect()
+}
+
+/// A PiD student checkpoint: a converted `pid_*.safetensors` (bare keys) or the raw
+/// upstream layout (`net.*` keys, with EMA/teacher/discriminator tensors ignored).
+pub struct Checkpoint {
+    path: PathBuf,
+    st: MmapedSafetensors,
+    prefix: &'static str,
+    /// Tensors the network may read, keyed by their bare name.
+    index: BTreeMap<String, (DType, Vec<usize>)>,
+}
+
+impl Checkpoint {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let st = open_safetensors(std::slice::from_ref(&path))?;
+        let all = tensor_index(&st);
+        let raw_layout = all.keys().any(|k| k.starts_with("net."));
+        let prefix = if raw_layout { "net." } else { "" };
+        let index: BTreeMap<_, _> = all
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
+            .collect();
+        if index.is_empty() {
+            return Err(Error::weights(&path, "not_pid", "the file holds no tensors"));
+        }
+        Ok(Self { path, st, prefix, index })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.index.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect()
+    }
+
+    /// Recover the network configuration from the tensors (see [`NetConfig::from_tensor_shapes`]).
+    pub fn detect_config(&self, hint: Option<LatentHint>) -> Result<NetConfig> {
+        NetConfig::from_tensor_shapes(&self.shapes(), hint).map_err(|e| self.wrap(e))
+    }
+
+    /// Check presence, shape and dtype of every tensor `cfg` needs, and that nothing unknown is there.
+    pub fn validate(&self, cfg: &NetConfig) -> Result<()> {
+        let expected = cfg.expected_tensors();
+        for (name, shape) in &expected {
+            match self.index.get(name) {
+                None => {
+                    return Err(Error::weights(
+                        &self.path,
+                        "missing_tensor",
+                        format!("tensor `{name}` (shape {shape:?}) is missing; the file is incomplete or not a PiD student"),
+                    ))
+                }
+                Some((dtype, got)) => {
+                    if got != shape {
+                        return Err(Error::weights(
+                            &self.path,
+                            "tensor_shape",
+                            format!("tensor `{name}` has shape {got:?}, expected {shape:?}"),
+                        ));
+                    }
+                    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+                        return Err(Error::weights(
+                            &self.path,
+                            "tensor_dtype",
+                            format!("tensor `{name}` has dtype {dtype:?}, expected bf16, f16 or f32"),
+                        ));
+                    }
+                }
+            }
+        }
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut ignored = 0usize;
+        for name in self.index.keys() {
+            if known.contains(name.as_str()) {
+                continue;
+            }
+            if IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                ignored += 1;
+                continue;
+            }
+            return Err(Error::weights(
+                &self.path,
+                "unexpected_tensor",
+                format!("unexpected tensor `{name}`: the file does not match the detected network layout"),
+            ));
+        }
+        if ignored > 0 {
+            log::debug!("{}: ignoring {ignored} training-only tensors (lq_aux_rgb_head)", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// A VarBuilder over the bare tensor names, producing tensors in `dtype` on `device`.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let vb = VarBuilder::from_backend(Box::new(self.st), dtype, device.clone());
+        match self.prefix {
+            "" => vb,
+            p => vb.pp(p.trim_end_matches('.')),
+        }
+    }
+
+    fn wrap(&self, e: Error) -> Error {
+        match e {
+            Error::InvalidInput { code, message } => Error::weights(&self.path, code, message),
+            other => other,
+        }
+    }
+}
+
+/// The `__metadata__` string map of a safetensors file (empty when absent).
+pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let path = path.as_ref();
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 * 1024 * 1024 {
+        return Err(Error::weights(path, "not_safetensors", "header length is implausible"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| Error::weights(path, "truncated", "file ends inside the safetensors header"))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::weights(path, "not_safetensors", format!("header is not JSON: {e}")))?;
+    Ok(json
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default())
+}
