@@ -111,6 +111,25 @@ def write_seeded(
     )
 
 
+def layout_key(layout: Layout) -> str:
+    """FNV-1a 64 over ``name`` + ``"d0,d1,...;"`` per tensor (the Rust tests use the same key)."""
+    h = 0xCBF29CE484222325
+    for name, shape in layout:
+        for b in f"{name}{','.join(str(int(d)) for d in shape)};".encode():
+            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def cached_seeded(cache_dir: str | os.PathLike[str], layout: Layout, salt: str = "") -> Path:
+    """A seeded-v1 checkpoint for ``layout`` in ``cache_dir``, written on first use."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{RECIPE}-{salt}-{layout_key(layout)}.safetensors"
+    if not path.exists():
+        write_seeded(path, layout, salt=salt)
+    return path
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, help="JSON list of [name, shape] pairs")

@@ -190,7 +190,8 @@ impl NetConfig {
 
     /// Channels the first adapter conv sees after un-patchifying the latent.
     pub fn lq_conv_in_channels(&self) -> usize {
-        self.lq_latent_channels / (self.lq_latent_unpatchify_factor * self.lq_latent_unpatchify_factor)
+        self.lq_latent_channels
+            / (self.lq_latent_unpatchify_factor * self.lq_latent_unpatchify_factor)
     }
 
     /// Output pixels per latent pixel (32 for every /8 space at 4x).
@@ -231,9 +232,14 @@ impl NetConfig {
                 self.pixel_attn_hidden_size, self.pixel_num_groups
             ));
         }
-        for (name, d) in [("head", self.head_dim()), ("pixel head", self.pixel_head_dim())] {
+        for (name, d) in [
+            ("head", self.head_dim()),
+            ("pixel head", self.pixel_head_dim()),
+        ] {
             if d % 4 != 0 {
-                return bad(format!("{name} dim {d} must be a multiple of 4 for 2-D RoPE"));
+                return bad(format!(
+                    "{name} dim {d} must be a multiple of 4 for 2-D RoPE"
+                ));
             }
         }
         if self.lq_interval == 0 || self.patch_depth == 0 || self.patch_size == 0 {
@@ -340,7 +346,10 @@ impl NetConfig {
             add(format!("{b}.adaLN_modulation.0.bias"), &[6 * pd * p2]);
         }
 
-        add("lq_proj.latent_proj.0.weight".into(), &[lh, self.lq_conv_in_channels(), 3, 3]);
+        add(
+            "lq_proj.latent_proj.0.weight".into(),
+            &[lh, self.lq_conv_in_channels(), 3, 3],
+        );
         add("lq_proj.latent_proj.0.bias".into(), &[lh]);
         add("lq_proj.latent_proj.2.weight".into(), &[lh, lh, 3, 3]);
         add("lq_proj.latent_proj.2.bias".into(), &[lh]);
@@ -360,8 +369,9 @@ impl NetConfig {
             add(format!("lq_proj.output_heads.{j}.bias"), &[d]);
         }
         let gate_out = self.gate_out_dim();
-        let mut gates: Vec<String> =
-            (0..self.num_lq_outputs()).map(|j| format!("lq_proj.gate_modules.{j}")).collect();
+        let mut gates: Vec<String> = (0..self.num_lq_outputs())
+            .map(|j| format!("lq_proj.gate_modules.{j}"))
+            .collect();
         if self.pit_lq_inject {
             add("lq_proj.pit_head.weight".into(), &[d, lh]);
             add("lq_proj.pit_head.bias".into(), &[d]);
@@ -395,12 +405,19 @@ impl NetConfig {
         let dim = |name: &str, axis: usize| -> Result<usize> {
             let s = shape(name)?;
             s.get(axis).copied().ok_or_else(|| {
-                Error::input("tensor_shape", format!("tensor `{name}` has shape {s:?}, expected rank > {axis}"))
+                Error::input(
+                    "tensor_shape",
+                    format!("tensor `{name}` has shape {s:?}, expected rank > {axis}"),
+                )
             })
         };
         let count_from = |prefix: &str, first: usize| -> usize {
             (first..)
-                .take_while(|i| shapes.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))))
+                .take_while(|i| {
+                    shapes
+                        .keys()
+                        .any(|k| k.starts_with(&format!("{prefix}.{i}.")))
+                })
                 .count()
         };
         let count = |prefix: &str| count_from(prefix, 0);
@@ -427,7 +444,9 @@ impl NetConfig {
             .ok_or_else(|| {
                 Error::input(
                     "inconsistent_checkpoint",
-                    format!("{num_lq_outputs} LQ output heads cannot serve {patch_depth} patch blocks"),
+                    format!(
+                        "{num_lq_outputs} LQ output heads cannot serve {patch_depth} patch blocks"
+                    ),
                 )
             })?;
 
@@ -497,8 +516,16 @@ impl NetConfig {
             // latent_proj: conv 0, SiLU 1, conv 2, then the ResBlocks from index 3.
             lq_num_res_blocks: count_from("lq_proj.latent_proj", 3),
             lq_interval,
-            lq_gate_type: if v15 { GateType::SigmaAwarePerToken } else { GateType::SigmaAwarePerTokenPerDim },
-            lq_conv_padding_mode: if v15 { PaddingMode::Replicate } else { PaddingMode::Zeros },
+            lq_gate_type: if v15 {
+                GateType::SigmaAwarePerToken
+            } else {
+                GateType::SigmaAwarePerTokenPerDim
+            },
+            lq_conv_padding_mode: if v15 {
+                PaddingMode::Replicate
+            } else {
+                PaddingMode::Zeros
+            },
             lq_latent_unpatchify_factor: unpatchify,
             latent_spatial_down_factor,
             sr_scale: 4,
@@ -539,7 +566,13 @@ mod tests {
         assert_eq!(v15.expected_tensors().len(), 461);
         for (cfg, hint) in [
             (v1, None),
-            (v15, Some(LatentHint { channels: 128, spatial_down_factor: 16 })),
+            (
+                v15,
+                Some(LatentHint {
+                    channels: 128,
+                    spatial_down_factor: 16,
+                }),
+            ),
         ] {
             let shapes = cfg.expected_tensors().into_iter().collect();
             assert_eq!(NetConfig::from_tensor_shapes(&shapes, hint).unwrap(), cfg);

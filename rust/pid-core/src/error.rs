@@ -72,7 +72,11 @@ impl Error {
         }
     }
 
-    pub fn weights(path: impl Into<PathBuf>, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn weights(
+        path: impl Into<PathBuf>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Weights {
             path: path.into(),
             code,

@@ -70,10 +70,12 @@ pub fn run(
         let t_scaled = Tensor::full(t * 1000.0, b, noise.device())?;
         let v = velocity(&x, &t_scaled)?;
         // x0 = x - t v in f64, like the reference (pid_spec §6).
-        let x0 = (x.to_dtype(DType::F64)? - (v.to_dtype(DType::F64)? * f64::from(t))?)?.to_dtype(DType::F32)?;
+        let x0 = (x.to_dtype(DType::F64)? - (v.to_dtype(DType::F64)? * f64::from(t))?)?
+            .to_dtype(DType::F32)?;
         observer.after_step(k, &x0);
         if t_next > 0.0 {
-            x = ((&x0 * f64::from(1.0 - t_next))? + (eps(k)?.to_dtype(DType::F32)? * f64::from(t_next))?)?;
+            x = ((&x0 * f64::from(1.0 - t_next))?
+                + (eps(k)?.to_dtype(DType::F32)? * f64::from(t_next))?)?;
         } else {
             return Ok(x0.clamp(-1f32, 1f32)?);
         }
@@ -96,6 +98,9 @@ mod tests {
 }
 
 /// Whole-image velocity with the network, for [`run`].
-pub fn net_velocity<'a>(net: &'a PidNet, cond: &'a Conditioning) -> impl FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'a {
+pub fn net_velocity<'a>(
+    net: &'a PidNet,
+    cond: &'a Conditioning,
+) -> impl FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'a {
     move |x, t| Ok(net.velocity(cond, x, t, &mut Trace::disabled())?)
 }

@@ -18,14 +18,22 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
         if meta.is_dir() {
-            return Err(Error::weights(p, "not_a_file", "expected a .safetensors file, got a directory"));
+            return Err(Error::weights(
+                p,
+                "not_a_file",
+                "expected a .safetensors file, got a directory",
+            ));
         }
         // Validate the header ourselves so the message says what is wrong with which file.
         let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
         let mut len = [0u8; 8];
         use std::io::Read;
         if f.read_exact(&mut len).is_err() {
-            return Err(Error::weights(p, "not_safetensors", "file is shorter than a safetensors header (8 bytes)"));
+            return Err(Error::weights(
+                p,
+                "not_safetensors",
+                "file is shorter than a safetensors header (8 bytes)",
+            ));
         }
         let n = u64::from_le_bytes(len);
         if n == 0 || n > 100 * 1024 * 1024 || n + 8 > meta.len() {
@@ -44,7 +52,10 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     // not being truncated while the decoder is alive.
     unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
         let msg = e.to_string();
-        let code = if msg.contains("Incomplete") || msg.contains("InvalidOffset") || msg.contains("buffer") {
+        let code = if msg.contains("Incomplete")
+            || msg.contains("InvalidOffset")
+            || msg.contains("buffer")
+        {
             "truncated"
         } else {
             "not_safetensors"
@@ -52,7 +63,9 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
         Error::weights(
             paths.first().cloned().unwrap_or_default(),
             code,
-            format!("cannot read safetensors ({msg}); the file is truncated or corrupt, re-download it"),
+            format!(
+                "cannot read safetensors ({msg}); the file is truncated or corrupt, re-download it"
+            ),
         )
     })
 }
@@ -90,9 +103,18 @@ impl Checkpoint {
             .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
             .collect();
         if index.is_empty() {
-            return Err(Error::weights(&path, "not_pid", "the file holds no tensors"));
+            return Err(Error::weights(
+                &path,
+                "not_pid",
+                "the file holds no tensors",
+            ));
         }
-        Ok(Self { path, st, prefix, index })
+        Ok(Self {
+            path,
+            st,
+            prefix,
+            index,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -100,7 +122,10 @@ impl Checkpoint {
     }
 
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.index.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect()
+        self.index
+            .iter()
+            .map(|(k, (_, s))| (k.clone(), s.clone()))
+            .collect()
     }
 
     /// Recover the network configuration from the tensors (see [`NetConfig::from_tensor_shapes`]).
@@ -138,7 +163,8 @@ impl Checkpoint {
                 }
             }
         }
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
         let mut ignored = 0usize;
         for name in self.index.keys() {
             if known.contains(name.as_str()) {
@@ -155,7 +181,10 @@ impl Checkpoint {
             ));
         }
         if ignored > 0 {
-            log::debug!("{}: ignoring {ignored} training-only tensors (lq_aux_rgb_head)", self.path.display());
+            log::debug!(
+                "{}: ignoring {ignored} training-only tensors (lq_aux_rgb_head)",
+                self.path.display()
+            );
         }
         Ok(())
     }
@@ -186,16 +215,25 @@ pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>>
     f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(len);
     if n > 100 * 1024 * 1024 {
-        return Err(Error::weights(path, "not_safetensors", "header length is implausible"));
+        return Err(Error::weights(
+            path,
+            "not_safetensors",
+            "header length is implausible",
+        ));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|_| Error::weights(path, "truncated", "file ends inside the safetensors header"))?;
+    f.read_exact(&mut header).map_err(|_| {
+        Error::weights(path, "truncated", "file ends inside the safetensors header")
+    })?;
     let json: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| Error::weights(path, "not_safetensors", format!("header is not JSON: {e}")))?;
     Ok(json
         .get("__metadata__")
         .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
         .unwrap_or_default())
 }

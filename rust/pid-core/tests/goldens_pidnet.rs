@@ -25,10 +25,14 @@ fn load_net(golden: &Golden) -> PidNet {
             ckpt.var_builder(DType::BF16, &Device::Cpu)
         }
         Some("embedded") => {
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&golden.path) }.unwrap();
+            let st =
+                unsafe { candle_core::safetensors::MmapedSafetensors::new(&golden.path) }.unwrap();
             candle_nn::VarBuilder::from_backend(Box::new(st), DType::F32, Device::Cpu).pp("weights")
         }
-        other => panic!("{}: unknown weights recipe {other:?}", golden.path.display()),
+        other => panic!(
+            "{}: unknown weights recipe {other:?}",
+            golden.path.display()
+        ),
     };
     PidNet::new(&cfg, vb, DType::F32).unwrap()
 }
@@ -40,8 +44,19 @@ fn trace_report(golden: &Golden, case: &str, trace: Vec<(String, Tensor)>) -> St
         let key = format!("trace.{case}.{name}");
         if golden.has(&key) {
             let g = golden.get(&key);
-            let scale = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            lines.push(format!("  {name}: max abs {:.3e} (|ref| max {scale:.3})", max_abs_diff(&t, &g)));
+            let scale = g
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            lines.push(format!(
+                "  {name}: max abs {:.3e} (|ref| max {scale:.3})",
+                max_abs_diff(&t, &g)
+            ));
         }
     }
     lines.join("\n")
@@ -50,9 +65,21 @@ fn trace_report(golden: &Golden, case: &str, trace: Vec<(String, Tensor)>) -> St
 fn check_forward(golden: &Golden, net: &PidNet, case: &str) {
     let inp = |n: &str| golden.get(&format!("in.{case}.{n}"));
     let mut trace = Trace::enabled();
-    let v = net.forward(&inp("x"), &inp("t"), &inp("y"), &inp("lq_latent"), &inp("sigma"), &mut trace).unwrap();
+    let v = net
+        .forward(
+            &inp("x"),
+            &inp("t"),
+            &inp("y"),
+            &inp("lq_latent"),
+            &inp("sigma"),
+            &mut trace,
+        )
+        .unwrap();
     let err = max_abs_diff(&v, &golden.get(&format!("out.{case}.v")));
-    eprintln!("{} {case}: v max abs error {err:.3e}", golden.path.display());
+    eprintln!(
+        "{} {case}: v max abs error {err:.3e}",
+        golden.path.display()
+    );
     assert!(
         err <= V_TOL,
         "{} case {case}: v max abs error {err:.3e} > {V_TOL:e}; traces:\n{}",
@@ -75,7 +102,15 @@ fn check_sample(golden: &Golden, net: &PidNet) {
     let inp = |n: &str| golden.get(&format!("in.sample.{n}"));
     let noise = inp("noise");
     let (_, _, h, w) = noise.dims4().unwrap();
-    let cond = net.condition(&inp("y"), &inp("lq_latent"), &inp("sigma"), (h, w), &mut Trace::disabled()).unwrap();
+    let cond = net
+        .condition(
+            &inp("y"),
+            &inp("lq_latent"),
+            &inp("sigma"),
+            (h, w),
+            &mut Trace::disabled(),
+        )
+        .unwrap();
     let mut x0s = X0Trace(Vec::new());
     let image = sampler::run(
         &noise,
@@ -86,14 +121,27 @@ fn check_sample(golden: &Golden, net: &PidNet) {
     )
     .unwrap();
     let err = max_abs_diff(&image, &golden.get("out.sample.image"));
-    eprintln!("{} sample: image max abs error {err:.3e}", golden.path.display());
+    eprintln!(
+        "{} sample: image max abs error {err:.3e}",
+        golden.path.display()
+    );
     let steps: Vec<String> = x0s
         .0
         .iter()
         .enumerate()
-        .map(|(k, x0)| format!("x0_step{k}: {:.3e}", max_abs_diff(x0, &golden.get(&format!("trace.sample.x0_step{k}")))))
+        .map(|(k, x0)| {
+            format!(
+                "x0_step{k}: {:.3e}",
+                max_abs_diff(x0, &golden.get(&format!("trace.sample.x0_step{k}")))
+            )
+        })
         .collect();
-    assert!(err <= IMAGE_TOL, "{}: sampler image max abs error {err:.3e} > {IMAGE_TOL:e} ({})", golden.path.display(), steps.join(", "));
+    assert!(
+        err <= IMAGE_TOL,
+        "{}: sampler image max abs error {err:.3e} > {IMAGE_TOL:e} ({})",
+        golden.path.display(),
+        steps.join(", ")
+    );
 }
 
 #[test]

@@ -1,1 +1,82 @@
+//! `pid_native._native`: the thin PyO3 layer over `pid-core`.
+//!
+//! Arguments are copied into owned Rust values while attached, heavy work runs with
+//! the GIL released, and every core error maps to one class of `pid_native.errors`.
 
+mod convert;
+mod errors;
+mod net;
+
+use numpy::{IntoPyArray, PyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use errors::{input_error, PyPidError};
+use pid_core::noise::{self, Stream};
+use pid_core::NetConfig;
+
+/// What this extension was built with: crate version, cargo features, candle version, target.
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        features.push("metal");
+    }
+    d.set_item("features", features)?;
+    d.set_item("candle_version", env!("PID_CANDLE_VERSION"))?;
+    d.set_item("target", env!("PID_TARGET"))?;
+    d.set_item(
+        "profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    )?;
+    Ok(d)
+}
+
+/// Every tensor a network config reads: `[(name, shape), ...]` in upstream names.
+#[pyfunction]
+fn checkpoint_layout(config: &str) -> Result<Vec<(String, Vec<usize>)>, PyPidError> {
+    Ok(NetConfig::from_json(config)?.expected_tensors())
+}
+
+/// Standard normal noise from the shared counter-based generator (see `pid_core::noise`).
+///
+/// `stream` 0 is a decode's initial noise, `k + 1` the re-noising after step k. A value
+/// depends only on (seed, stream, flat index), so every backend draws the same numbers.
+#[pyfunction]
+#[pyo3(signature = (seed, stream, shape))]
+fn gaussian_noise(
+    py: Python<'_>,
+    seed: u64,
+    stream: u32,
+    shape: Vec<usize>,
+) -> PyResult<Bound<'_, PyArrayDyn<f32>>> {
+    let n: usize = shape.iter().product();
+    let s = if stream == 0 {
+        Stream::Initial
+    } else {
+        Stream::Renoise(stream - 1)
+    };
+    let data = py.detach(|| noise::normal(seed, s, n));
+    let arr = numpy::ndarray::ArrayD::from_shape_vec(numpy::ndarray::IxDyn(&shape), data)
+        .map_err(|e| input_error("shape", e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(gaussian_noise, m)?)?;
+    m.add_class::<net::PyPidNet>()?;
+    Ok(())
+}

@@ -51,7 +51,9 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, budget: AttentionBudget) -> Resu
 /// `(B, L, H * d)` -> `(B, H, L, d)`, contiguous.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, c) = x.dims3()?;
-    x.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `(B, H, L, d)` -> `(B, L, H * d)`.

@@ -29,9 +29,14 @@ impl TimestepEmbedder {
         let half = Self::FREQ_DIM / 2;
         // Same f32 steps as the reference: exp(-ln(10) * i / half).
         let ln10 = -(10f64.ln() as f32);
-        let freqs: Vec<f32> = (0..half).map(|i| ((ln10 * i as f32) / half as f32).exp()).collect();
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| ((ln10 * i as f32) / half as f32).exp())
+            .collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let args = t
+            .to_dtype(candle_core::DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
         self.mlp_2.forward(&self.mlp_0.forward(&emb)?.silu()?)
     }
@@ -66,7 +71,10 @@ pub struct PatchEmbedder {
 
 impl PatchEmbedder {
     pub fn new(vb: VarBuilder, in_channels: usize, patch: usize, hidden: usize) -> Result<Self> {
-        Ok(Self { proj: Linear::new(vb.pp("proj"), in_channels * patch * patch, hidden, true)?, patch })
+        Ok(Self {
+            proj: Linear::new(vb.pp("proj"), in_channels * patch * patch, hidden, true)?,
+            patch,
+        })
     }
 
     /// `x (B, C, H, W)` -> `(B, L, hidden)`, tokens row-major over the patch grid.
@@ -92,11 +100,19 @@ pub struct PixelEmbedder {
 
 impl PixelEmbedder {
     pub fn new(vb: VarBuilder, in_channels: usize, dim: usize) -> Result<Self> {
-        Ok(Self { proj: Linear::new(vb.pp("proj"), in_channels, dim, true)?, dim })
+        Ok(Self {
+            proj: Linear::new(vb.pp("proj"), in_channels, dim, true)?,
+            dim,
+        })
     }
 
     /// The position table for an `h x w` image, `(h, w, dim)`; cache it across steps.
-    pub fn position_table(&self, h: usize, w: usize, device: &candle_core::Device) -> Result<Tensor> {
+    pub fn position_table(
+        &self,
+        h: usize,
+        w: usize,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
         pixel_sincos(self.dim, h, w, device)
     }
 

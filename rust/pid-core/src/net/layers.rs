@@ -16,7 +16,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -64,13 +68,19 @@ impl RmsNorm {
     pub const EPS: f32 = 1e-6;
 
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")? })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+        })
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight.to_dtype(x.dtype())?, Self::EPS)
+        candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight.to_dtype(x.dtype())?,
+            Self::EPS,
+        )
     }
 }
 
@@ -86,7 +96,10 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// Split the last axis into `n` equal contiguous chunks.
 pub fn chunk_last(x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-    x.chunk(n, D::Minus1)?.into_iter().map(|c| c.contiguous()).collect()
+    x.chunk(n, D::Minus1)?
+        .into_iter()
+        .map(|c| c.contiguous())
+        .collect()
 }
 
 /// Process the rows (axis 0) of `x` in slices of at most `rows` and concatenate the results,

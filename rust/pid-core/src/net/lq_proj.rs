@@ -21,7 +21,11 @@ struct Conv3x3 {
 
 impl Conv3x3 {
     fn new(vb: VarBuilder, cin: usize, cout: usize, padding: PaddingMode) -> Result<Self> {
-        Ok(Self { weight: vb.get((cout, cin, 3, 3), "weight")?, bias: vb.get(cout, "bias")?, padding })
+        Ok(Self {
+            weight: vb.get((cout, cin, 3, 3), "weight")?,
+            bias: vb.get(cout, "bias")?,
+            padding,
+        })
     }
 }
 
@@ -30,7 +34,10 @@ impl Module for Conv3x3 {
         let w = self.weight.to_dtype(x.dtype())?;
         let y = match self.padding {
             PaddingMode::Zeros => x.conv2d(&w, 1, 1, 1, 1)?,
-            PaddingMode::Replicate => x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?.conv2d(&w, 0, 1, 1, 1)?,
+            PaddingMode::Replicate => x
+                .pad_with_same(2, 1, 1)?
+                .pad_with_same(3, 1, 1)?
+                .conv2d(&w, 0, 1, 1, 1)?,
         };
         y.broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
     }
@@ -48,7 +55,11 @@ impl GroupNorm {
     const EPS: f64 = 1e-5;
 
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups })
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+        })
     }
 }
 
@@ -56,10 +67,15 @@ impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
-        let g = x.to_dtype(DType::F32)?.reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let g = x
+            .to_dtype(DType::F32)?
+            .reshape((b, self.groups, (c / self.groups) * h * w))?;
         let g = g.broadcast_sub(&g.mean_keepdim(2)?)?;
         let var = g.sqr()?.mean_keepdim(2)?;
-        let g = g.broadcast_div(&(var + Self::EPS)?.sqrt()?)?.reshape((b, c, h, w))?.to_dtype(dtype)?;
+        let g = g
+            .broadcast_div(&(var + Self::EPS)?.sqrt()?)?
+            .reshape((b, c, h, w))?
+            .to_dtype(dtype)?;
         let shape = (1, c, 1, 1);
         g.broadcast_mul(&self.weight.to_dtype(dtype)?.reshape(shape)?)?
             .broadcast_add(&self.bias.to_dtype(dtype)?.reshape(shape)?)
@@ -115,8 +131,11 @@ impl SigmaGate {
     /// `s, f (B, L, D)`, `sigma (B,)` in f32.
     pub fn forward(&self, s: &Tensor, f: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let logit = self.content_proj.forward(&Tensor::cat(&[s, f], 2)?)?;
-        let offset = sigma.broadcast_mul(&self.log_alpha.to_dtype(DType::F32)?.exp()?)?.reshape(((), 1, 1))?;
-        let gate = candle_nn::ops::sigmoid(&logit.broadcast_sub(&offset.to_dtype(logit.dtype())?)?)?;
+        let offset = sigma
+            .broadcast_mul(&self.log_alpha.to_dtype(DType::F32)?.exp()?)?
+            .reshape(((), 1, 1))?;
+        let gate =
+            candle_nn::ops::sigmoid(&logit.broadcast_sub(&offset.to_dtype(logit.dtype())?)?)?;
         s + f.broadcast_mul(&gate)?
     }
 }
@@ -156,8 +175,14 @@ impl LqProj {
             res_blocks: (0..cfg.lq_num_res_blocks)
                 .map(|r| ResBlock::new(trunk.pp(r + 3), lh, pad))
                 .collect::<Result<_>>()?,
-            output_heads: (0..n).map(|j| Linear::new(vb.pp(format!("output_heads.{j}")), lh, d, true)).collect::<Result<_>>()?,
-            pit_head: if cfg.pit_lq_inject { Some(Linear::new(vb.pp("pit_head"), lh, d, true)?) } else { None },
+            output_heads: (0..n)
+                .map(|j| Linear::new(vb.pp(format!("output_heads.{j}")), lh, d, true))
+                .collect::<Result<_>>()?,
+            pit_head: if cfg.pit_lq_inject {
+                Some(Linear::new(vb.pp("pit_head"), lh, d, true)?)
+            } else {
+                None
+            },
             gate_modules: (0..n)
                 .map(|j| SigmaGate::new(vb.pp(format!("gate_modules.{j}")), d, gate_out))
                 .collect::<Result<_>>()?,
@@ -169,7 +194,9 @@ impl LqProj {
 
     /// Gate index applied before patch block `i`, if any (every `interval`-th block).
     pub fn gate_for_block(&self, i: usize) -> Option<usize> {
-        (i % self.interval == 0).then_some(i / self.interval).filter(|j| *j < self.gate_modules.len())
+        (i % self.interval == 0)
+            .then_some(i / self.interval)
+            .filter(|j| *j < self.gate_modules.len())
     }
 
     pub fn gate(&self, j: usize, s: &Tensor, f: &Tensor, sigma: &Tensor) -> Result<Tensor> {
@@ -180,7 +207,10 @@ impl LqProj {
     pub fn features(&self, z: &Tensor, hs: usize, ws: usize) -> Result<LqFeatures> {
         let (b, c, h, w) = z.dims4()?;
         if c != self.latent_channels {
-            candle_core::bail!("lq latent has {c} channels, the adapter expects {}", self.latent_channels)
+            candle_core::bail!(
+                "lq latent has {c} channels, the adapter expects {}",
+                self.latent_channels
+            )
         }
         let f = self.unpatchify;
         // Channel c*f*f + i*f + j moves to spatial offset (i, j) at f-times the resolution.
@@ -192,16 +222,30 @@ impl LqProj {
         } else {
             z.clone()
         };
-        let z = if z.dims()[2..] == [hs, ws] { z } else { z.upsample_nearest2d(hs, ws)? };
-        let mut t = self.latent_proj_2.forward(&self.latent_proj_0.forward(&z)?.silu()?)?;
+        let z = if z.dims()[2..] == [hs, ws] {
+            z
+        } else {
+            z.upsample_nearest2d(hs, ws)?
+        };
+        let mut t = self
+            .latent_proj_2
+            .forward(&self.latent_proj_0.forward(&z)?.silu()?)?;
         for r in &self.res_blocks {
             t = r.forward(&t)?;
         }
         let lh = t.dim(1)?;
         let tokens = t.reshape((b, lh, hs * ws))?.transpose(1, 2)?.contiguous()?; // (B, L, lh)
         Ok(LqFeatures {
-            heads: self.output_heads.iter().map(|h| h.forward(&tokens)).collect::<Result<_>>()?,
-            pit: self.pit_head.as_ref().map(|h| h.forward(&tokens)).transpose()?,
+            heads: self
+                .output_heads
+                .iter()
+                .map(|h| h.forward(&tokens))
+                .collect::<Result<_>>()?,
+            pit: self
+                .pit_head
+                .as_ref()
+                .map(|h| h.forward(&tokens))
+                .transpose()?,
         })
     }
 }

@@ -21,8 +21,8 @@ mod pixel_block;
 mod rope;
 
 pub use attention::AttentionBudget;
-pub(crate) use rope::linspace_f32;
 pub use lq_proj::LqFeatures;
+pub(crate) use rope::linspace_f32;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -127,10 +127,26 @@ impl PidNet {
             t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), d)?,
             y_embedder: CaptionEmbedder::new(vb.pp("y_embedder"), cfg.txt_embed_dim, d)?,
             y_pos_embedding: vb.get((1, cfg.txt_max_length, d), "y_pos_embedding")?,
-            s_embedder: PatchEmbedder::new(vb.pp("s_embedder"), cfg.in_channels, cfg.patch_size, d)?,
-            pixel_embedder: PixelEmbedder::new(vb.pp("pixel_embedder"), cfg.in_channels, cfg.pixel_hidden_size)?,
+            s_embedder: PatchEmbedder::new(
+                vb.pp("s_embedder"),
+                cfg.in_channels,
+                cfg.patch_size,
+                d,
+            )?,
+            pixel_embedder: PixelEmbedder::new(
+                vb.pp("pixel_embedder"),
+                cfg.in_channels,
+                cfg.pixel_hidden_size,
+            )?,
             patch_blocks: (0..cfg.patch_depth)
-                .map(|i| PatchBlock::new(vb.pp(format!("patch_blocks.{i}")), d, cfg.num_groups, cfg.ffn_hidden()))
+                .map(|i| {
+                    PatchBlock::new(
+                        vb.pp(format!("patch_blocks.{i}")),
+                        d,
+                        cfg.num_groups,
+                        cfg.ffn_hidden(),
+                    )
+                })
                 .collect::<Result<_>>()?,
             pixel_blocks: (0..cfg.pixel_depth)
                 .map(|j| {
@@ -144,9 +160,17 @@ impl PidNet {
                     )
                 })
                 .collect::<Result<_>>()?,
-            final_layer: FinalLayer::new(vb.pp("final_layer"), cfg.pixel_hidden_size, cfg.in_channels)?,
+            final_layer: FinalLayer::new(
+                vb.pp("final_layer"),
+                cfg.pixel_hidden_size,
+                cfg.in_channels,
+            )?,
             lq_proj: LqProj::new(vb.pp("lq_proj"), cfg)?,
-            pit_lq_gate: if cfg.pit_lq_inject { Some(SigmaGate::new(vb.pp("pit_lq_gate"), d, gate_out)?) } else { None },
+            pit_lq_gate: if cfg.pit_lq_inject {
+                Some(SigmaGate::new(vb.pp("pit_lq_gate"), d, gate_out)?)
+            } else {
+                None
+            },
             budget: AttentionBudget::default(),
             compute_dtype,
             cfg: cfg.clone(),
@@ -165,7 +189,9 @@ impl PidNet {
     fn grid(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let p = self.cfg.patch_size;
         if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
-            candle_core::bail!("output size {h}x{w} must be a positive multiple of the patch size {p}")
+            candle_core::bail!(
+                "output size {h}x{w} must be a positive multiple of the patch size {p}"
+            )
         }
         Ok((h / p, w / p))
     }
@@ -173,13 +199,22 @@ impl PidNet {
     /// Compute what is constant across sampler steps for an `(h, w)` output.
     ///
     /// `y (B, Nt, txt_dim)`, `z (B, C, zh, zw)`, `sigma (B,)`.
-    pub fn condition(&self, y: &Tensor, z: &Tensor, sigma: &Tensor, size: (usize, usize), trace: &mut Trace) -> Result<Conditioning> {
+    pub fn condition(
+        &self,
+        y: &Tensor,
+        z: &Tensor,
+        sigma: &Tensor,
+        size: (usize, usize),
+        trace: &mut Trace,
+    ) -> Result<Conditioning> {
         let (h, w) = size;
         let (hs, ws) = self.grid(h, w)?;
         let dev = y.device();
         let cd = self.compute_dtype;
         let nt = y.dim(1)?.min(self.cfg.txt_max_length);
-        let y_emb = self.y_embedder.forward(&y.narrow(1, 0, nt)?.to_dtype(cd)?)?;
+        let y_emb = self
+            .y_embedder
+            .forward(&y.narrow(1, 0, nt)?.to_dtype(cd)?)?;
         trace.record(|| "y_embedder".into(), &y_emb);
         let y = y_emb.broadcast_add(&self.y_pos_embedding.narrow(1, 0, nt)?.to_dtype(cd)?)?;
         let lq = self.lq_proj.features(&z.to_dtype(cd)?, hs, ws)?;
@@ -187,13 +222,25 @@ impl PidNet {
             trace.record(|| format!("lq_head_{j}"), f);
         }
         let cfg = &self.cfg;
-        let ref_grid = (cfg.rope_ref_h / cfg.patch_size, cfg.rope_ref_w / cfg.patch_size);
+        let ref_grid = (
+            cfg.rope_ref_h / cfg.patch_size,
+            cfg.rope_ref_w / cfg.patch_size,
+        );
         Ok(Conditioning {
             y,
             lq,
             sigma: sigma.to_dtype(DType::F32)?,
-            rope_patch: rope::image_rope(cfg.head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?.into(),
-            rope_pixel: rope::image_rope(cfg.pixel_head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?.into(),
+            rope_patch: rope::image_rope(cfg.head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?
+                .into(),
+            rope_pixel: rope::image_rope(
+                cfg.pixel_head_dim(),
+                hs,
+                ws,
+                ref_grid,
+                cfg.rope_mode,
+                dev,
+            )?
+            .into(),
             rope_text: if cfg.use_text_rope {
                 Some(rope::text_rope(cfg.head_dim(), nt, cfg.text_rope_theta, dev)?.into())
             } else {
@@ -205,7 +252,13 @@ impl PidNet {
     }
 
     /// The velocity for noisy pixels `x (B, 3, H, W)` at timesteps `t (B,)` (x1000).
-    pub fn velocity(&self, cond: &Conditioning, x: &Tensor, t: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+    pub fn velocity(
+        &self,
+        cond: &Conditioning,
+        x: &Tensor,
+        t: &Tensor,
+        trace: &mut Trace,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         if (h, w) != cond.size || b != cond.batch() {
             candle_core::bail!(
@@ -229,8 +282,15 @@ impl PidNet {
                 s = self.lq_proj.gate(j, &s, &cond.lq.heads[j], &cond.sigma)?;
                 trace.record(|| format!("gate_{j}"), &s);
             }
-            let (s_next, y_next) =
-                block.forward(&s, &y, &c, &cond.rope_patch, cond.rope_text.as_ref(), i != last, self.budget)?;
+            let (s_next, y_next) = block.forward(
+                &s,
+                &y,
+                &c,
+                &cond.rope_patch,
+                cond.rope_text.as_ref(),
+                i != last,
+                self.budget,
+            )?;
             s = s_next;
             trace.record(|| format!("patch_block_{i}.0"), &s);
             if let Some(y_next) = y_next {
@@ -248,7 +308,9 @@ impl PidNet {
         let d = s.dim(2)?;
         let s = s.reshape((b * s.dim(1)?, d))?;
 
-        let mut px = self.pixel_embedder.forward(&x, &cond.pixel_pos, self.cfg.patch_size)?;
+        let mut px = self
+            .pixel_embedder
+            .forward(&x, &cond.pixel_pos, self.cfg.patch_size)?;
         trace.record(|| "pixel_embedder".into(), &px);
         for (j, block) in self.pixel_blocks.iter().enumerate() {
             px = block.forward(&px, &s, b, &cond.rope_pixel, self.budget)?;
@@ -260,7 +322,15 @@ impl PidNet {
     }
 
     /// One forward pass: [`PidNet::condition`] then [`PidNet::velocity`].
-    pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor, z: &Tensor, sigma: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+        z: &Tensor,
+        sigma: &Tensor,
+        trace: &mut Trace,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let cond = self.condition(y, z, sigma, (h, w), trace)?;
         self.velocity(&cond, x, t, trace)

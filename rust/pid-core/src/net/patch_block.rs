@@ -37,7 +37,8 @@ impl Module for FeedForward {
         let (b, l, d) = x.dims3()?;
         let rows = x.reshape((b * l, d))?;
         map_row_chunks(&rows, TOKEN_ROWS, |r, _| {
-            self.w2.forward(&(self.w1.forward(r)?.silu()? * self.w3.forward(r)?)?)
+            self.w2
+                .forward(&(self.w1.forward(r)?.silu()? * self.w3.forward(r)?)?)
         })?
         .reshape((b, l, d))
     }
@@ -53,14 +54,23 @@ struct StreamQkv {
 
 impl StreamQkv {
     /// `x (B, N, D)` -> q, k, v each `(B, H, N, d)`, q and k normed and rotated.
-    fn forward(&self, x: &Tensor, heads: usize, rope: Option<&Rope>) -> Result<(Tensor, Tensor, Tensor)> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        rope: Option<&Rope>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let qkv = self.qkv.forward(x)?;
         let parts = chunk_last(&qkv, 3)?;
         let q = split_heads(&parts[0], heads)?.apply(&self.q_norm)?;
         let k = split_heads(&parts[1], heads)?.apply(&self.k_norm)?;
         let v = split_heads(&parts[2], heads)?;
         match rope {
-            Some(r) => Ok((apply_rope(&q, &r.cos, &r.sin)?, apply_rope(&k, &r.cos, &r.sin)?, v)),
+            Some(r) => Ok((
+                apply_rope(&q, &r.cos, &r.sin)?,
+                apply_rope(&k, &r.cos, &r.sin)?,
+                v,
+            )),
             None => Ok((q, k, v)),
         }
     }
@@ -105,8 +115,18 @@ impl PatchBlock {
             proj_y: Linear::new(attn.pp("proj_y"), dim, dim, true)?,
             mlp_x: FeedForward::new(vb.pp("mlp_x"), dim, ffn_hidden)?,
             mlp_y: FeedForward::new(vb.pp("mlp_y"), dim, ffn_hidden)?,
-            ada_ln_modulation_img: Linear::new(vb.pp("adaLN_modulation_img.0"), dim, 6 * dim, true)?,
-            ada_ln_modulation_txt: Linear::new(vb.pp("adaLN_modulation_txt.0"), dim, 6 * dim, true)?,
+            ada_ln_modulation_img: Linear::new(
+                vb.pp("adaLN_modulation_img.0"),
+                dim,
+                6 * dim,
+                true,
+            )?,
+            ada_ln_modulation_txt: Linear::new(
+                vb.pp("adaLN_modulation_txt.0"),
+                dim,
+                6 * dim,
+                true,
+            )?,
             heads,
         })
     }
@@ -144,13 +164,21 @@ impl PatchBlock {
         };
 
         let x = gated_add(x, &mx[2], &self.proj_x.forward(&merge_heads(&attn_x)?)?)?;
-        let x = gated_add(&x, &mx[5], &self.mlp_x.forward(&modulate(&self.norm_x2.forward(&x)?, &mx[3], &mx[4])?)?)?;
+        let x = gated_add(
+            &x,
+            &mx[5],
+            &self
+                .mlp_x
+                .forward(&modulate(&self.norm_x2.forward(&x)?, &mx[3], &mx[4])?)?,
+        )?;
 
         let y = match attn_y {
             None => None,
             Some(attn_y) => {
                 let y = gated_add(y, &my[2], &self.proj_y.forward(&merge_heads(&attn_y)?)?)?;
-                let h = self.mlp_y.forward(&modulate(&self.norm_y2.forward(&y)?, &my[3], &my[4])?)?;
+                let h =
+                    self.mlp_y
+                        .forward(&modulate(&self.norm_y2.forward(&y)?, &my[3], &my[4])?)?;
                 Some(gated_add(&y, &my[5], &h)?)
             }
         };

@@ -117,7 +117,9 @@ impl PixelBlock {
 
     /// Modulation `k` for the patches `s (n, D)`: `(n, P*P, dim)`.
     fn modulation(&self, k: usize, s: &Tensor) -> Result<Tensor> {
-        self.modulation[k].forward(s)?.reshape((s.dim(0)?, self.p2, self.dim))
+        self.modulation[k]
+            .forward(s)?
+            .reshape((s.dim(0)?, self.p2, self.dim))
     }
 
     /// `x (B*L, P*P, dim)`, `s (B*L, D)`; `batch` = B.
@@ -133,21 +135,37 @@ impl PixelBlock {
         // Pass 1 (token-local): modulate, flatten [p][ch], compress to one token per patch.
         let compressed = map_row_chunks(x, PATCH_ROWS, |xc, start| {
             let sc = s.narrow(0, start, xc.dim(0)?)?;
-            let xn = modulate(&self.norm1.forward(xc)?, &self.modulation(0, &sc)?, &self.modulation(1, &sc)?)?;
-            self.compress_to_attn.forward(&xn.reshape((xc.dim(0)?, self.p2 * self.dim))?)
+            let xn = modulate(
+                &self.norm1.forward(xc)?,
+                &self.modulation(0, &sc)?,
+                &self.modulation(1, &sc)?,
+            )?;
+            self.compress_to_attn
+                .forward(&xn.reshape((xc.dim(0)?, self.p2 * self.dim))?)
         })?;
         let attn_dim = compressed.dim(1)?;
         let attn = self
             .attn
-            .forward(&compressed.reshape((batch, bl / batch, attn_dim))?, rope, budget)?
+            .forward(
+                &compressed.reshape((batch, bl / batch, attn_dim))?,
+                rope,
+                budget,
+            )?
             .reshape((bl, attn_dim))?;
         // Pass 2 (token-local): expand, gated residual, then the per-pixel MLP half.
         map_row_chunks(x, PATCH_ROWS, |xc, start| {
             let n = xc.dim(0)?;
             let sc = s.narrow(0, start, n)?;
-            let expanded = self.expand_from_attn.forward(&attn.narrow(0, start, n)?)?.reshape((n, self.p2, self.dim))?;
+            let expanded = self
+                .expand_from_attn
+                .forward(&attn.narrow(0, start, n)?)?
+                .reshape((n, self.p2, self.dim))?;
             let xc = gated_add(xc, &self.modulation(2, &sc)?, &expanded)?;
-            let h = modulate(&self.norm2.forward(&xc)?, &self.modulation(3, &sc)?, &self.modulation(4, &sc)?)?;
+            let h = modulate(
+                &self.norm2.forward(&xc)?,
+                &self.modulation(3, &sc)?,
+                &self.modulation(4, &sc)?,
+            )?;
             gated_add(&xc, &self.modulation(5, &sc)?, &self.mlp.forward(&h)?)
         })
     }

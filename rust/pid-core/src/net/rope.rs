@@ -42,7 +42,9 @@ pub fn image_rope(
     let axis_dim = (head_dim / 2) as f64;
     let ntk = |n: usize, reference: usize| -> f64 {
         match mode {
-            RopeMode::NtkAware if axis_dim > 2.0 => (n as f64 / reference as f64).powf(axis_dim / (axis_dim - 2.0)),
+            RopeMode::NtkAware if axis_dim > 2.0 => {
+                (n as f64 / reference as f64).powf(axis_dim / (axis_dim - 2.0))
+            }
             _ => 1.0,
         }
     };
@@ -50,7 +52,9 @@ pub fn image_rope(
     let theta_w = (theta * ntk(ws, ref_grid.1)) as f32;
     let nfreq = head_dim / 4;
     let freqs = |base: f32| -> Vec<f32> {
-        (0..nfreq).map(|k| 1.0 / base.powf((4 * k) as f32 / head_dim as f32)).collect()
+        (0..nfreq)
+            .map(|k| 1.0 / base.powf((4 * k) as f32 / head_dim as f32))
+            .collect()
     };
     let (fw, fh) = (freqs(theta_w), freqs(theta_h));
     let xs = linspace_f32(0.0, 16.0, ws);
@@ -69,14 +73,24 @@ pub fn image_rope(
         }
     }
     let shape = (hs * ws, half);
-    Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+    Ok((
+        Tensor::from_vec(cos, shape, device)?,
+        Tensor::from_vec(sin, shape, device)?,
+    ))
 }
 
 /// cos/sin tables `(len, head_dim / 2)` for the text stream: integer positions, pair j at pos * theta^(-2j/d).
-pub fn text_rope(head_dim: usize, len: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn text_rope(
+    head_dim: usize,
+    len: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let theta = theta as f32;
-    let freqs: Vec<f32> = (0..half).map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32)).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect();
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
     for p in 0..len {
@@ -86,7 +100,10 @@ pub fn text_rope(head_dim: usize, len: usize, theta: f64, device: &Device) -> Re
             sin.push(a.sin());
         }
     }
-    Ok((Tensor::from_vec(cos, (len, half), device)?, Tensor::from_vec(sin, (len, half), device)?))
+    Ok((
+        Tensor::from_vec(cos, (len, half), device)?,
+        Tensor::from_vec(sin, (len, half), device)?,
+    ))
 }
 
 /// Absolute 2-D sin-cos embedding of every pixel, `(h, w, dim)`, computed in f64 like the reference.
@@ -94,7 +111,9 @@ pub fn text_rope(head_dim: usize, len: usize, theta: f64, device: &Device) -> Re
 /// For pixel (row r, col q): [sin(q w), cos(q w), sin(r w), cos(r w)] with w_k = 10000^(-k / (dim/4)).
 pub fn pixel_sincos(dim: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10_000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10_000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let axis = |pos: usize| -> Vec<f32> {
         let mut v = Vec::with_capacity(2 * quarter);
         v.extend(omega.iter().map(|o| (pos as f64 * o).sin() as f32));

@@ -11,12 +11,17 @@ use candle_core::{Device, Tensor};
 use pid_core::weights::read_metadata;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// `PID_GOLDENS`, else the copy in the repository's `tests/goldens`.
 pub fn goldens_dir() -> PathBuf {
-    std::env::var_os("PID_GOLDENS").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("tests/goldens"))
+    std::env::var_os("PID_GOLDENS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("tests/goldens"))
 }
 
 /// Every golden file of `kind`, sorted. Panics when there are none: a parity suite that
@@ -27,10 +32,18 @@ pub fn golden_files(kind: &str) -> Vec<PathBuf> {
         .unwrap_or_else(|e| panic!("cannot read goldens directory {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .filter(|p| read_metadata(p).map(|m| m.get("kind").map(String::as_str) == Some(kind)).unwrap_or(false))
+        .filter(|p| {
+            read_metadata(p)
+                .map(|m| m.get("kind").map(String::as_str) == Some(kind))
+                .unwrap_or(false)
+        })
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no golden files of kind {kind} in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no golden files of kind {kind} in {}",
+        dir.display()
+    );
     files
 }
 
@@ -42,11 +55,16 @@ pub struct Golden {
 impl Golden {
     pub fn open(path: &Path) -> Self {
         let st = unsafe { MmapedSafetensors::new(path) }.expect("golden file");
-        Self { path: path.to_path_buf(), st }
+        Self {
+            path: path.to_path_buf(),
+            st,
+        }
     }
 
     pub fn get(&self, name: &str) -> Tensor {
-        self.st.load(name, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {name}: {e}", self.path.display()))
+        self.st
+            .load(name, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {name}: {e}", self.path.display()))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -65,7 +83,11 @@ impl Golden {
         let mut cases: Vec<String> = self
             .names()
             .iter()
-            .filter_map(|n| n.strip_prefix("in.")?.strip_suffix(&suffix).map(str::to_string))
+            .filter_map(|n| {
+                n.strip_prefix("in.")?
+                    .strip_suffix(&suffix)
+                    .map(str::to_string)
+            })
             .collect();
         cases.sort();
         cases
@@ -107,7 +129,10 @@ pub fn seeded_checkpoint(layout: &[(String, Vec<usize>)], salt: &str) -> PathBuf
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/pid-seeded"));
     std::fs::create_dir_all(&dir).expect("seeded cache dir");
-    let out = dir.join(format!("seeded-v1-{salt}-{}.safetensors", layout_key(layout)));
+    let out = dir.join(format!(
+        "seeded-v1-{salt}-{}.safetensors",
+        layout_key(layout)
+    ));
     if out.exists() {
         return out;
     }
@@ -124,7 +149,12 @@ pub fn seeded_checkpoint(layout: &[(String, Vec<usize>)], salt: &str) -> PathBuf
         .arg("--salt")
         .arg(salt)
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {python} (set PID_PYTHON to a Python with NumPy): {e}"));
-    assert!(status.success(), "seeded weight generation failed; {python} needs NumPy (set PID_PYTHON)");
+        .unwrap_or_else(|e| {
+            panic!("cannot run {python} (set PID_PYTHON to a Python with NumPy): {e}")
+        });
+    assert!(
+        status.success(),
+        "seeded weight generation failed; {python} needs NumPy (set PID_PYTHON)"
+    );
     out
 }

@@ -1,0 +1,46 @@
+"""pid_native: NVIDIA's PiD pixel-diffusion decoder without PyTorch.
+
+PiD replaces a latent diffusion model's VAE decoder: from a latent ``[B, C, h, w]`` and a
+caption it denoises directly in pixel space and returns a 4x super-resolved image
+``[B, 3, 32h, 32w]`` in 4 distilled steps.
+
+PiD weights are under the NVIDIA License (NSCLv1): research and evaluation only, and the
+restriction extends to every decoded image.
+"""
+
+from __future__ import annotations
+
+from . import _native
+from .errors import (
+    BackendUnavailableError,
+    BudgetError,
+    Cancelled,
+    InvalidInputError,
+    LicenseError,
+    MissingFileError,
+    PidError,
+    ProvisioningError,
+    WeightsError,
+)
+
+__version__: str = _native.__version__
+
+
+def build_info() -> dict[str, object]:
+    """How the native extension was built: version, cargo features, candle version, target."""
+    return dict(_native.build_info())
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "BudgetError",
+    "Cancelled",
+    "InvalidInputError",
+    "LicenseError",
+    "MissingFileError",
+    "PidError",
+    "ProvisioningError",
+    "WeightsError",
+    "__version__",
+    "build_info",
+]

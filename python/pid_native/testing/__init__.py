@@ -1,0 +1,8 @@
+"""Helpers for tests and integrators' CI: deterministic synthetic weights and bundles.
+
+Nothing here is needed to decode real images.
+"""
+
+from .seeded import RECIPE, bf16_bits, cached_seeded, layout_key, seeded_float32, write_seeded
+
+__all__ = ["RECIPE", "bf16_bits", "cached_seeded", "layout_key", "seeded_float32", "write_seeded"]

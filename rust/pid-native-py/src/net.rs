@@ -1,0 +1,196 @@
+//! `PidNet`: the bare network and sampler, for parity tests and other backends' conformance.
+
+use candle_core::{DType, Device, Tensor};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{to_numpy, to_tensor};
+use crate::errors::{input_error, PyPidError};
+use pid_core::net::{PidNet, Trace};
+use pid_core::sampler::{self, StepObserver};
+use pid_core::weights::Checkpoint;
+use pid_core::{LatentHint, NetConfig};
+
+pub fn parse_dtype(name: &str) -> PyResult<DType> {
+    match name {
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f32" | "float32" => Ok(DType::F32),
+        other => Err(input_error(
+            "dtype",
+            format!("unknown dtype {other:?}; use \"bf16\", \"f16\" or \"f32\""),
+        )),
+    }
+}
+
+/// The PiD network with its weights loaded.
+#[pyclass(name = "PidNet", module = "pid_native._native", frozen)]
+pub struct PyPidNet {
+    net: PidNet,
+}
+
+#[pymethods]
+impl PyPidNet {
+    /// Open a PiD checkpoint (`.safetensors`, bare or `net.`-prefixed keys).
+    ///
+    /// Args:
+    ///     path: checkpoint file.
+    ///     config: network config JSON; detected from the tensors when omitted.
+    ///     latent_channels, latent_down_factor: the latent space, needed to detect
+    ///         un-patchifying students (flux2 v1.5).
+    ///     weight_dtype: resident dtype of the weights ("bf16" halves memory; math runs in f32).
+    #[staticmethod]
+    #[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=None, weight_dtype="bf16"))]
+    fn open(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        config: Option<String>,
+        latent_channels: Option<usize>,
+        latent_down_factor: Option<usize>,
+        weight_dtype: &str,
+    ) -> PyResult<Self> {
+        let wdt = parse_dtype(weight_dtype)?;
+        let hint = latent_channels.map(|c| LatentHint {
+            channels: c,
+            spatial_down_factor: latent_down_factor.unwrap_or(8),
+        });
+        let net = py.detach(|| -> Result<PidNet, PyPidError> {
+            let ckpt = Checkpoint::open(&path)?;
+            let cfg = match &config {
+                Some(json) => NetConfig::from_json(json)?,
+                None => ckpt.detect_config(hint)?,
+            };
+            ckpt.validate(&cfg)?;
+            Ok(PidNet::new(
+                &cfg,
+                ckpt.var_builder(wdt, &Device::Cpu),
+                DType::F32,
+            )?)
+        })?;
+        Ok(Self { net })
+    }
+
+    /// The network configuration as JSON (upstream argument names).
+    #[getter]
+    fn config(&self) -> String {
+        self.net.config().to_json()
+    }
+
+    /// Velocity v = eps - x0 for noisy pixels `x (B,3,H,W)` at `t (B,)` (already x1000).
+    ///
+    /// With `trace=True` returns `(v, {name: array})` of intermediate module outputs
+    /// named like the golden files' `trace.*` tensors.
+    #[pyo3(signature = (x, t, y, lq_latent, sigma, trace=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArrayDyn<'py, f32>,
+        t: PyReadonlyArrayDyn<'py, f32>,
+        y: PyReadonlyArrayDyn<'py, f32>,
+        lq_latent: PyReadonlyArrayDyn<'py, f32>,
+        sigma: PyReadonlyArrayDyn<'py, f32>,
+        trace: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (x, t, y, z, s) = (
+            to_tensor("x", &x)?,
+            to_tensor("t", &t)?,
+            to_tensor("y", &y)?,
+            to_tensor("lq_latent", &lq_latent)?,
+            to_tensor("sigma", &sigma)?,
+        );
+        let mut tr = if trace {
+            Trace::enabled()
+        } else {
+            Trace::disabled()
+        };
+        let v = py
+            .detach(|| self.net.forward(&x, &t, &y, &z, &s, &mut tr))
+            .map_err(PyPidError::from)?;
+        let v = to_numpy(py, &v)?.into_any();
+        if !trace {
+            return Ok(v);
+        }
+        let d = PyDict::new(py);
+        for (name, tensor) in tr.into_entries() {
+            d.set_item(name, to_numpy(py, &tensor)?)
+                .map_err(|e| input_error("trace", e.to_string()))?;
+        }
+        Ok((v, d)
+            .into_pyobject(py)
+            .map_err(|e| input_error("trace", e.to_string()))?
+            .into_any())
+    }
+
+    /// Run the sampler with injected noise: `eps[k]` re-noises after step k.
+    ///
+    /// Returns `(image, [x0_step0, ...])`.
+    #[pyo3(signature = (noise, eps, y, lq_latent, sigma, t_list))]
+    #[allow(clippy::too_many_arguments)]
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        noise: PyReadonlyArrayDyn<'py, f32>,
+        eps: Vec<PyReadonlyArrayDyn<'py, f32>>,
+        y: PyReadonlyArrayDyn<'py, f32>,
+        lq_latent: PyReadonlyArrayDyn<'py, f32>,
+        sigma: PyReadonlyArrayDyn<'py, f32>,
+        t_list: Vec<f32>,
+    ) -> PyResult<(
+        Bound<'py, PyArrayDyn<f32>>,
+        Vec<Bound<'py, PyArrayDyn<f32>>>,
+    )> {
+        let noise = to_tensor("noise", &noise)?;
+        let eps: Vec<Tensor> = eps
+            .iter()
+            .map(|e| to_tensor("eps", e))
+            .collect::<PyResult<_>>()?;
+        let (y, z, s) = (
+            to_tensor("y", &y)?,
+            to_tensor("lq_latent", &lq_latent)?,
+            to_tensor("sigma", &sigma)?,
+        );
+        if t_list.len() < 2 || eps.len() + 2 < t_list.len() {
+            return Err(input_error(
+                "t_list",
+                format!(
+                    "{} steps need {} eps tensors, got {}",
+                    t_list.len().saturating_sub(1),
+                    t_list.len().saturating_sub(2),
+                    eps.len()
+                ),
+            )
+            .into());
+        }
+        struct Keep(Vec<Tensor>);
+        impl StepObserver for Keep {
+            fn after_step(&mut self, _step: usize, x0: &Tensor) {
+                self.0.push(x0.clone());
+            }
+        }
+        let (image, x0s) = py
+            .detach(|| -> pid_core::Result<(Tensor, Vec<Tensor>)> {
+                let (_, _, h, w) = noise.dims4()?;
+                let cond = self
+                    .net
+                    .condition(&y, &z, &s, (h, w), &mut Trace::disabled())?;
+                let mut keep = Keep(Vec::new());
+                let image = sampler::run(
+                    &noise,
+                    &t_list,
+                    sampler::net_velocity(&self.net, &cond),
+                    |k| Ok(eps[k].clone()),
+                    &mut keep,
+                )?;
+                Ok((image, keep.0))
+            })
+            .map_err(PyPidError::from)?;
+        Ok((
+            to_numpy(py, &image)?,
+            x0s.iter()
+                .map(|t| to_numpy(py, t))
+                .collect::<PyResult<_>>()?,
+        ))
+    }
+}
