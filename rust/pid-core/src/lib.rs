@@ -10,9 +10,11 @@
 //! extends to every decoded image.
 
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod net;
 pub mod noise;
+pub mod plan;
 pub mod sampler;
 pub mod weights;
 

@@ -139,4 +139,35 @@ mod tests {
             normal(8, Stream::Initial, 16)
         );
     }
+
+    #[test]
+    fn identical_across_thread_counts() {
+        let draw = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| normal(3, Stream::Initial, 100_003))
+        };
+        let one = draw(1);
+        assert_eq!(one, draw(2));
+        assert_eq!(one, draw(5));
+    }
+
+    #[test]
+    fn large_draw_is_standard_normal() {
+        let v = normal(11, Stream::Renoise(2), 2_000_000);
+        let n = v.len() as f64;
+        let mean = v.iter().map(|x| f64::from(*x)).sum::<f64>() / n;
+        let var = v
+            .iter()
+            .map(|x| (f64::from(*x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let tail = v.iter().filter(|x| x.abs() > 3.0).count() as f64 / n;
+        // 5-sigma bounds for n = 2e6: mean +-0.0035, var +-0.005; P(|x| > 3) = 0.0027.
+        assert!(mean.abs() < 0.0035, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.005, "var {var}");
+        assert!((tail - 0.0027).abs() < 0.0003, "tail {tail}");
+    }
 }

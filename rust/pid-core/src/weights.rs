@@ -16,34 +16,23 @@ use crate::{Error, Result};
 /// Memory-map one or more safetensors files (a sharded set is one logical file).
 pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     for p in paths {
-        let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
-        if meta.is_dir() {
+        let header = read_header(p)?;
+        let data_end = header
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.get("data_offsets")?.as_array()?.get(1)?.as_u64())
+            .max()
+            .unwrap_or(0);
+        let file_len = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
+        if header.header_len + 8 + data_end > file_len {
             return Err(Error::weights(
                 p,
-                "not_a_file",
-                "expected a .safetensors file, got a directory",
-            ));
-        }
-        // Validate the header ourselves so the message says what is wrong with which file.
-        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-        let mut len = [0u8; 8];
-        use std::io::Read;
-        if f.read_exact(&mut len).is_err() {
-            return Err(Error::weights(
-                p,
-                "not_safetensors",
-                "file is shorter than a safetensors header (8 bytes)",
-            ));
-        }
-        let n = u64::from_le_bytes(len);
-        if n == 0 || n > 100 * 1024 * 1024 || n + 8 > meta.len() {
-            return Err(Error::weights(
-                p,
-                "not_safetensors",
+                "truncated",
                 format!(
-                    "not a safetensors file (header length {n} does not fit a {} byte file); \
-                     re-download it or convert the checkpoint to .safetensors",
-                    meta.len()
+                    "file is truncated: the header describes {} bytes but the file has {file_len}; \
+                     re-download it",
+                    header.header_len + 8 + data_end
                 ),
             ));
         }
@@ -51,22 +40,66 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     // SAFETY: the files are opened read-only; like every mmap user we rely on them
     // not being truncated while the decoder is alive.
     unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
-        let msg = e.to_string();
-        let code = if msg.contains("Incomplete")
-            || msg.contains("InvalidOffset")
-            || msg.contains("buffer")
-        {
-            "truncated"
-        } else {
-            "not_safetensors"
-        };
         Error::weights(
             paths.first().cloned().unwrap_or_default(),
-            code,
-            format!(
-                "cannot read safetensors ({msg}); the file is truncated or corrupt, re-download it"
-            ),
+            "not_safetensors",
+            format!("cannot read safetensors ({e}); the file is corrupt, re-download it"),
         )
+    })
+}
+
+/// A parsed safetensors header and its byte length.
+pub struct Header {
+    pub header_len: u64,
+    json: serde_json::Value,
+}
+
+impl std::ops::Deref for Header {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.json
+    }
+}
+
+/// Read and parse the JSON header of a safetensors file, with errors that say what is wrong.
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::weights(
+            path,
+            "not_a_file",
+            "expected a .safetensors file, got a directory",
+        ));
+    }
+    let not_st = |why: String| {
+        Error::weights(
+            path,
+            "not_safetensors",
+            format!("not a safetensors file ({why}); convert the checkpoint to .safetensors or re-download it"),
+        )
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| not_st("shorter than the 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n == 0 || n > 100 * 1024 * 1024 || n + 8 > meta.len() {
+        return Err(not_st(format!(
+            "header length {n} does not fit a {} byte file",
+            meta.len()
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| not_st(format!("header is not JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(not_st("header is not a JSON object".into()));
+    }
+    Ok(Header {
+        header_len: n,
+        json,
     })
 }
 
@@ -208,26 +241,8 @@ impl Checkpoint {
 
 /// The `__metadata__` string map of a safetensors file (empty when absent).
 pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
-    use std::io::Read;
-    let path = path.as_ref();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 * 1024 * 1024 {
-        return Err(Error::weights(
-            path,
-            "not_safetensors",
-            "header length is implausible",
-        ));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|_| {
-        Error::weights(path, "truncated", "file ends inside the safetensors header")
-    })?;
-    let json: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::weights(path, "not_safetensors", format!("header is not JSON: {e}")))?;
-    Ok(json
+    let header = read_header(path.as_ref())?;
+    Ok(header
         .get("__metadata__")
         .and_then(|m| m.as_object())
         .map(|m| {

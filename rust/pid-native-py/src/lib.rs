@@ -4,6 +4,7 @@
 //! the GIL released, and every core error maps to one class of `pid_native.errors`.
 
 mod convert;
+mod decoder;
 mod errors;
 mod net;
 
@@ -78,5 +79,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian_noise, m)?)?;
     m.add_class::<net::PyPidNet>()?;
+    m.add_class::<decoder::PyDecoder>()?;
+    m.add_class::<decoder::PyCancelToken>()?;
     Ok(())
 }

@@ -10,6 +10,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 use pid_core::weights::read_metadata;
 
+pub mod mini;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")

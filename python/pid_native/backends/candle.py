@@ -1,0 +1,104 @@
+"""The candle backends: the Rust extension on CPU (always) and CUDA (when compiled in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import _native
+from ..errors import InvalidInputError
+from . import Availability, OpenSpec
+
+
+@dataclass
+class CandleEngine:
+    """PiD network, caption encoder and VAE of the Rust extension; all GIL-free and thread-safe."""
+
+    decoder: Any
+    captions: Any | None
+    vae: Any | None
+    backend: str
+    scale: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = self.decoder.scale
+
+    def encode_captions(self, captions: list[str]) -> np.ndarray:
+        if self.captions is None:
+            raise InvalidInputError(
+                "this decoder has no caption encoder; open it with gemma=<Gemma-2-2b-it directory> "
+                "or a provisioned bundle, or pass caption_embs=",
+                "no_caption_encoder",
+            )
+        return self.captions.encode(captions)
+
+    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
+        return self.decoder.plan(batch, h, w, budget_bytes, tile)
+
+    def decode(
+        self,
+        latents: np.ndarray,
+        caption_embs: np.ndarray,
+        sigma: list[float],
+        seeds: list[int],
+        steps: int,
+        budget_bytes: int,
+        tile: int | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        cancel: Any,
+    ) -> np.ndarray:
+        return self.decoder.decode(latents, caption_embs, sigma, seeds, steps, budget_bytes, tile, progress, cancel)
+
+    def _require_vae(self) -> Any:
+        if self.vae is None:
+            raise InvalidInputError(
+                "this decoder has no SDXL VAE; open it with vae=<diffusers VAE directory> or provision "
+                "a bundle with the VAE (pid-native fetch)",
+                "no_vae",
+            )
+        return self.vae
+
+    def vae_encode(self, images: np.ndarray) -> np.ndarray:
+        return self._require_vae().encode(images)
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        return self._require_vae().decode(latents)
+
+
+@dataclass(frozen=True)
+class CandleBackend:
+    name: str
+    priority: int
+    device: str
+
+    def availability(self) -> Availability:
+        if self.device == "cpu":
+            return Availability(True, "the CPU build is always available")
+        if "cuda" not in _native.build_info()["features"]:
+            return Availability(
+                False,
+                "this build of pid-native has no CUDA support; install the CUDA build "
+                '(pip install . --config-settings="maturin.build-args=--features cuda", see README)',
+            )
+        return Availability(True, "compiled with CUDA and the driver loaded")
+
+    def open(self, spec: OpenSpec) -> CandleEngine:
+        if spec.dtype not in (None, "bf16", "bfloat16", "f32", "float32"):
+            raise InvalidInputError(f"dtype {spec.dtype!r} is not supported; use 'bf16' or 'f32'", "dtype")
+        decoder = _native.Decoder.open(
+            str(spec.checkpoint),
+            latent_channels=spec.space.channels,
+            latent_down_factor=spec.space.down_factor,
+            weight_dtype=spec.dtype or "bf16",
+            device=spec.device or ("cpu" if self.device == "cpu" else "cuda:0"),
+        )
+        captions = _native.CaptionEncoder.open(str(spec.gemma), softcap=spec.softcap) if spec.gemma else None
+        vae = _native.Vae.open(str(spec.vae)) if spec.vae else None
+        return CandleEngine(decoder, captions, vae, self.name)
+
+
+CPU = CandleBackend("candle-cpu", priority=0, device="cpu")
+CUDA = CandleBackend("candle-cuda", priority=20, device="cuda")

@@ -1,0 +1,345 @@
+"""The user-facing decoder: open once, decode latents (or upscale images) many times.
+
+Data flow of :meth:`Decoder.decode`: latents are checked and converted ->
+captions are encoded (Gemma-2, cached) -> the memory plan is made before any allocation ->
+the backend runs the 4-step sampler (whole image or tiles) -> images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import _native, backends
+from .errors import InvalidInputError, MissingFileError
+from .latents import LatentSpace, latent_space
+from .memory import resolve_budget
+
+CancelToken = _native.CancelToken
+
+Phase = Literal["caption", "image", "step", "tile", "done"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report. ``str(event)`` reads like ``"step 2/4"``.
+
+    Attributes:
+        phase: ``caption`` (encoding captions), ``image`` (image ``index`` of ``count``
+            starts), ``step`` (sampler step ``index`` of ``count``), ``tile`` (tile
+            ``index`` of ``count`` of the current step), ``done``.
+        index: 1-based position within the phase.
+        count: size of the phase.
+    """
+
+    phase: Phase
+    index: int = 0
+    count: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.phase} {self.index}/{self.count}" if self.count else self.phase
+
+    @classmethod
+    def from_native(cls, d: dict[str, Any]) -> ProgressEvent:
+        phase = d["phase"]
+        if phase == "step":
+            return cls("step", d["step"] + 1, d["total"])
+        if phase == "tile":
+            return cls("tile", d["tile"] + 1, d["tiles"])
+        return cls("image", d["index"] + 1, d["count"])
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+MAX_SEED = 2**64 - 1
+
+
+class DecodeParams(BaseModel):
+    """Per-call options, validated before any work."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    captions: list[str]
+    sigma: list[float]
+    seeds: list[int]
+    steps: int = Field(ge=1, le=4)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_range(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not (0.0 <= s <= 1.0):  # also rejects NaN
+                raise ValueError(f"sigma {s} is outside [0, 1]; pass the VP noise level of the latent (0 = clean)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, v: list[int]) -> list[int]:
+        for s in v:
+            if not 0 <= s <= MAX_SEED:
+                raise ValueError(f"seed {s} is outside [0, 2**64 - 1]")
+        return v
+
+
+def _per_image(value: Any, batch: int, name: str) -> list[Any]:
+    """A scalar broadcast to the batch, or a sequence that must have one entry per latent."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+        return [value] * batch
+    items = list(np.asarray(value).tolist()) if isinstance(value, np.ndarray) else list(value)
+    if len(items) != batch:
+        raise InvalidInputError(f"{name} has {len(items)} entries but there are {batch} latents", f"{name}_count")
+    return items
+
+
+def as_latents(latents: Any, space: LatentSpace) -> np.ndarray:
+    """Check and convert latents to float32 ``[B, C, h, w]``.
+
+    Accepts numpy float16/float32/bfloat16 (ml_dtypes) arrays of rank 3 or 4, or anything
+    with ``__array__``. Raises InvalidInputError naming the problem and the fix.
+    """
+    try:
+        arr = np.asarray(latents)
+    except Exception as exc:
+        raise InvalidInputError(f"latents must be a numpy array, got {type(latents).__name__}", "latent_type") from exc
+    if arr.dtype.kind not in "f" and arr.dtype.name != "bfloat16":
+        raise InvalidInputError(
+            f"latents must be floating point (float16/float32/bfloat16), got dtype {arr.dtype}", "latent_dtype"
+        )
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise InvalidInputError(f"latents must be [B, C, h, w] or [C, h, w], got shape {arr.shape}", "latent_rank")
+    b, c, h, w = arr.shape
+    if c != space.channels:
+        raise InvalidInputError(
+            f"latent has {c} channels, the {space.name} space expects {space.channels} (got shape {list(arr.shape)}); "
+            f"pass the VAE latent in the {space.name} frame ({space.normalisation})",
+            "latent_channels",
+        )
+    if b == 0 or h == 0 or w == 0:
+        raise InvalidInputError(f"latents have an empty axis: shape {arr.shape}", "latent_shape")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidInputError("latents contain NaN or infinity", "latent_not_finite")
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a decode will run: whole image, or tiles of the velocity forward."""
+
+    width: int
+    height: int
+    whole: bool
+    tiles: list[tuple[int, int, int, int]]
+    predicted_peak_bytes: int
+    budget_bytes: int
+    budget_source: str
+
+
+class Decoder:
+    """A PiD decoder on one backend. Safe to share between threads.
+
+    Open with :meth:`open`; decode latents with :meth:`decode`, or upscale an image with
+    :meth:`upscale`. Decoded images are under the NVIDIA License (NSCLv1): research and
+    evaluation only.
+    """
+
+    def __init__(self, engine: backends.Engine, space: LatentSpace, memory_budget: float | None) -> None:
+        self._engine = engine
+        self.space = space
+        self.memory_budget = memory_budget
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        backend: str = "auto",
+        device: str | None = None,
+        gemma: str | os.PathLike[str] | None = None,
+        vae: str | os.PathLike[str] | None = None,
+        dtype: str | None = None,
+        memory_budget: float | None = None,
+        space: str | None = None,
+        softcap: bool = False,
+    ) -> Decoder:
+        """Open a PiD checkpoint file or a provisioned bundle directory.
+
+        Args:
+            path: a PiD ``.safetensors`` checkpoint, or a bundle directory written by
+                ``pid-native fetch`` / ``pid_native.provision`` (checkpoint + ``gemma/`` + ``vae/``).
+            backend: ``"auto"``, ``"candle-cpu"``, ``"candle-cuda"``, ``"mlx"`` or a registered name.
+            device: backend device string (``"cpu"``, ``"cuda:0"``); the backend's default if None.
+            gemma: Gemma-2-2b-it directory (config.json, tokenizer.json, safetensors); overrides the bundle's.
+            vae: SDXL VAE directory (config.json, diffusion_pytorch_model.safetensors); only for upscaling.
+            dtype: resident weight dtype (``"bf16"`` default, or ``"f32"``).
+            memory_budget: GiB a decode may use; else ``PID_MEMORY_BUDGET_GIB``, else free memory.
+            space: latent space or model family (``sdxl``, ``kolors``, ``flux``...); the bundle's, else sdxl.
+            softcap: apply Gemma's attention-logit softcap (the reference does not; off by default).
+
+        Raises:
+            MissingFileError: listing every missing file and how to provision it.
+            WeightsError: a file is corrupt, truncated or not a PiD checkpoint.
+            BackendUnavailableError: the backend cannot run here (with the reason).
+        """
+        path = Path(path)
+        if path.is_dir():
+            from .provision.bundle import load_bundle
+
+            bundle = load_bundle(path)
+            checkpoint, bundle_space = bundle.checkpoint, bundle.space
+            gemma = gemma if gemma is not None else bundle.gemma
+            vae = vae if vae is not None else bundle.vae
+        else:
+            checkpoint, bundle_space = path, None
+        missing = [
+            f"{what}: {p}"
+            for what, p in (("checkpoint", checkpoint), ("gemma", gemma), ("vae", vae))
+            if p is not None and not Path(p).exists()
+        ]
+        if missing:
+            raise MissingFileError(
+                "cannot open the decoder, missing: " + "; ".join(missing)
+                + ". Run `pid-native fetch --accept-license` to provision the weights, or pass existing paths.",
+                "missing_file",
+            )
+        resolved_space = latent_space(space or bundle_space or "sdxl")
+        spec = backends.OpenSpec(
+            checkpoint=Path(checkpoint),
+            space=resolved_space,
+            gemma=Path(gemma) if gemma is not None else None,
+            vae=Path(vae) if vae is not None else None,
+            device=device,
+            dtype=dtype,
+            softcap=softcap,
+        )
+        engine = backends.get(backend).open(spec)
+        return cls(engine, resolved_space, memory_budget)
+
+    @property
+    def backend(self) -> str:
+        return self._engine.backend
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per latent pixel (32 for SDXL: the VAE's 8 times PiD's 4)."""
+        return self._engine.scale
+
+    def plan(self, latent_shape: Sequence[int], *, tile: int | None = None) -> Plan:
+        """The memory plan for latents of ``latent_shape`` ([B, C, h, w] or [C, h, w]), without decoding."""
+        shape = tuple(latent_shape)
+        b, h, w = (1, *shape[-2:]) if len(shape) == 3 else (shape[0], *shape[-2:])
+        budget, source = resolve_budget(self.memory_budget)
+        p = self._engine.plan(b, h, w, budget, tile)
+        return Plan(p["width"], p["height"], p["whole"], list(p["tiles"]), p["predicted_peak_bytes"], budget, source)
+
+    def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
+        """Gemma-2 caption embeddings ``[B, 300, 2304]`` as PiD consumes them (cached per caption)."""
+        return self._engine.encode_captions(list(captions))
+
+    def decode(
+        self,
+        latents: Any,
+        caption: str | Sequence[str] = "",
+        *,
+        sigma: float | Sequence[float] = 0.0,
+        seed: int | Sequence[int] = 0,
+        steps: int = 4,
+        progress: ProgressCallback | None = None,
+        cancel: Any = None,
+        tile: int | None = None,
+        caption_embs: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Decode latents to images at ``scale`` times their size.
+
+        Args:
+            latents: ``[B, C, h, w]`` or ``[C, h, w]`` (float16/32, bfloat16), in the space's
+                normalised frame (SDXL: the VAE latent times 0.13025).
+            caption: one caption for all latents, or one per latent ("" is valid).
+            sigma: variance-preserving noise level of a partially denoised latent, scalar or
+                per latent (0 = clean). See :func:`pid_native.latents.euler_to_vp`.
+            seed: noise seed; a scalar ``s`` gives latent ``b`` the seed ``s + b``.
+            steps: sampler steps, 1-4 (4 is the trained schedule).
+            progress: called with a :class:`ProgressEvent` at each caption/image/step/tile boundary.
+            cancel: a :class:`CancelToken`; ``cancel.cancel()`` stops at the next boundary.
+            tile: force tiles of this edge (output pixels, a multiple of ``scale``).
+            caption_embs: precomputed ``[B, N, D]`` embeddings instead of ``caption``.
+
+        Returns:
+            float32 ``[B, 3, scale*h, scale*w]`` in [-1, 1].
+
+        Raises:
+            InvalidInputError, BudgetError, Cancelled (and KeyboardInterrupt on Ctrl-C).
+        """
+        lat = as_latents(latents, self.space)
+        b = lat.shape[0]
+        seeds = [seed + i for i in range(b)] if isinstance(seed, (int, np.integer)) else _per_image(seed, b, "seed")
+        try:
+            params = DecodeParams(
+                captions=_per_image(caption, b, "caption"),
+                sigma=[float(s) for s in _per_image(sigma, b, "sigma")],
+                seeds=[int(s) for s in seeds],
+                steps=steps,
+            )
+        except ValidationError as exc:
+            raise InvalidInputError(_first_error(exc), "invalid_argument") from None
+        budget, _ = resolve_budget(self.memory_budget)
+        # Plan first: an impossible request fails before Gemma or the sampler allocate anything.
+        self._engine.plan(b, lat.shape[2], lat.shape[3], budget, tile)
+        if caption_embs is None:
+            if progress:
+                progress(ProgressEvent("caption", 1, 1))
+            caption_embs = self.encode_captions(params.captions)
+        embs = np.ascontiguousarray(caption_embs, dtype=np.float32)
+        native_progress = (lambda d: progress(ProgressEvent.from_native(d))) if progress else None
+        out = self._engine.decode(
+            lat, embs, params.sigma, params.seeds, params.steps, budget, tile, native_progress, cancel
+        )
+        if progress:
+            progress(ProgressEvent("done"))
+        return out
+
+    def decode_to_images(self, latents: Any, caption: str | Sequence[str] = "", **kwargs: Any) -> list[Any]:
+        """:meth:`decode`, returned as PIL images (with the licence note in their metadata)."""
+        from .images import to_pil
+
+        return to_pil(self.decode(latents, caption, **kwargs))
+
+    def vae_decode(self, latents: Any) -> np.ndarray:
+        """Plain SDXL VAE decode (the baseline PiD is compared with), ``[B, 3, 8h, 8w]`` in [-1, 1]."""
+        return self._engine.vae_decode(as_latents(latents, self.space))
+
+    def upscale(self, image: Any, caption: str = "", **kwargs: Any) -> Any:
+        """Upscale an image 4x with PiD: crop to a multiple of 16, VAE-encode, decode.
+
+        Args:
+            image: a PIL image, a path, or a float array ``[3, H, W]`` in [-1, 1].
+            caption: what the image shows (helps detail; "" is valid).
+            **kwargs: forwarded to :meth:`decode` (seed, sigma, steps, progress, cancel, tile).
+
+        Returns:
+            The upscaled PIL image.
+        """
+        from .images import load_image, to_pil
+
+        if self.space.name != "sdxl":
+            raise InvalidInputError(f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space")
+        pixels = load_image(image)
+        latent = self._engine.vae_encode(pixels)
+        return to_pil(self.decode(latent, caption, **kwargs))[0]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}"
+
+
+__all__ = ["CancelToken", "DecodeParams", "Decoder", "Plan", "ProgressEvent", "as_latents"]
