@@ -51,3 +51,13 @@ def is_full_topology(path: Path) -> bool:
 @pytest.fixture(scope="session")
 def seeded_cache() -> Path:
     return SEEDED_CACHE
+
+
+@pytest.fixture(scope="session")
+def mini_checkpoint(seeded_cache: Path) -> Path:
+    """A seeded checkpoint of the shrunk SDXL network of the pidnet_sdxl_mini golden."""
+    from pid_native import _native
+    from pid_native.testing import cached_seeded
+
+    config = golden_metadata(GOLDENS / "pidnet_sdxl_mini.safetensors")["config"]
+    return cached_seeded(seeded_cache, _native.checkpoint_layout(config))

@@ -10,7 +10,8 @@ restriction extends to every decoded image.
 
 from __future__ import annotations
 
-from . import _native
+from . import _native, backends, latents
+from .decoder import CancelToken, Decoder, Plan, ProgressEvent
 from .errors import (
     BackendUnavailableError,
     BudgetError,
@@ -34,13 +35,19 @@ def build_info() -> dict[str, object]:
 __all__ = [
     "BackendUnavailableError",
     "BudgetError",
+    "CancelToken",
     "Cancelled",
+    "Decoder",
     "InvalidInputError",
     "LicenseError",
     "MissingFileError",
     "PidError",
+    "Plan",
+    "ProgressEvent",
     "ProvisioningError",
     "WeightsError",
     "__version__",
+    "backends",
     "build_info",
+    "latents",
 ]

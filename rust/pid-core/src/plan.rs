@@ -178,8 +178,8 @@ pub fn plan(
         needed_bytes: needed,
         budget_bytes: budget,
         message: format!(
-            "decoding {batch} image(s) of {w}x{h} needs about {:.1} GiB even with {ew}x{eh} tiles, \
-             but the memory budget is {:.1} GiB; decode fewer images at once, a smaller latent, \
+            "decoding {batch} image(s) of {w}x{h} needs about {:.2} GiB even with {ew}x{eh} tiles, \
+             but the memory budget is {:.2} GiB; decode fewer images at once, a smaller latent, \
              or raise the budget (memory_budget= or PID_MEMORY_BUDGET_GIB)",
             gib(needed),
             gib(budget)

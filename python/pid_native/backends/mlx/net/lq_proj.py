@@ -1,0 +1,162 @@
+"""Sigma-aware LQ adapter, ``lq_proj`` (pid_spec §4, §10.2; mirrors ``net/lq_proj.rs``).
+
+Upstream ``LQProjection2D`` (``networks/lq_projection_2d.py``). The latent is (un-patchified
+for flux2 v1.5 and) nearest-resized to the patch grid, run through a conv trunk, and
+projected by one linear head per injection point. The features depend only on the
+latent, so callers compute them once per decode. The trunk runs NHWC (MLX's conv layout);
+conv weights arrive as ``(O, KH, KW, I)`` from :mod:`..weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ....errors import InvalidInputError
+from ..config import GATE_PER_DIM, NetConfig
+from .layers import Linear
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, stride 1, padding 1 with zero or replicate padding; NHWC."""
+
+    def __init__(self, cin: int, cout: int, padding: str) -> None:
+        super().__init__()
+        self.weight = mx.zeros((cout, 3, 3, cin))
+        self.bias = mx.zeros((cout,))
+        self.matmul_dtype: mx.Dtype | None = None
+        self._padding = padding
+
+    def __call__(self, x: mx.array) -> mx.array:
+        dt = self.matmul_dtype or x.dtype
+        x = x.astype(dt)
+        w = self.weight.astype(dt)
+        if self._padding == "replicate":
+            y = mx.conv2d(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="edge"), w)
+        else:
+            y = mx.conv2d(x, w, padding=1)
+        return y + self.bias.astype(dt)
+
+
+class GroupNorm(nn.Module):
+    """``nn.GroupNorm(groups, C, eps=1e-5)`` on NHWC input, in f32 (autocast's fp32 list)."""
+
+    EPS = 1e-5
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+        self._groups = groups
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        g = x.astype(mx.float32).reshape(b, h * w, self._groups, c // self._groups)
+        g = g - g.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(g).mean(axis=(1, 3), keepdims=True)
+        g = (g * mx.rsqrt(var + self.EPS)).reshape(b, h, w, c)
+        return g * self.weight.astype(mx.float32) + self.bias.astype(mx.float32)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block x + Conv(SiLU(GN(Conv(SiLU(GN(x)))))), keys ``block.{0,2,3,5}``."""
+
+    GROUPS = 4
+
+    def __init__(self, ch: int, padding: str) -> None:
+        super().__init__()
+        self.block = [
+            GroupNorm(ch, self.GROUPS),
+            nn.SiLU(),
+            Conv3x3(ch, ch, padding),
+            GroupNorm(ch, self.GROUPS),
+            nn.SiLU(),
+            Conv3x3(ch, ch, padding),
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = x
+        for layer in self.block:
+            h = layer(h)
+        return x + h
+
+
+class SigmaGate(nn.Module):
+    """``SigmaAwarePerToken[AndDim]Gate``: s + sigmoid(W [s; F] + b - exp(log_alpha) * sigma) * F."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.content_proj = Linear(2 * dim, out)
+        self.log_alpha = mx.array(0.0)
+
+    def __call__(self, s: mx.array, f: mx.array, sigma: mx.array) -> mx.array:
+        """``s, f (B, L, D)``, ``sigma (B,)`` in f32."""
+        logit = self.content_proj(mx.concatenate([s, f], axis=2))
+        offset = (sigma * mx.exp(self.log_alpha.astype(mx.float32)))[:, None, None]
+        return s + f * mx.sigmoid(logit - offset)
+
+
+@dataclass
+class LqFeatures:
+    """Adapter outputs for one latent: one feature per gate, plus the PiT feature for v1.5."""
+
+    heads: list[mx.array]  # each (B, L, D)
+    pit: mx.array | None
+
+
+def nearest_indices(n_in: int, n_out: int) -> mx.array:
+    """PyTorch ``nearest`` source indices: floor(dst * (in / out)) with the scale in f32."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32)
+    return mx.array(np.minimum(src, n_in - 1))
+
+
+class LqProj(nn.Module):
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        d, lh, pad = cfg.hidden_size, cfg.lq_hidden_dim, cfg.lq_conv_padding_mode
+        gate_out = d if cfg.lq_gate_type == GATE_PER_DIM else 1
+        n = cfg.num_lq_outputs
+        self.latent_proj = [
+            Conv3x3(cfg.lq_conv_in_channels, lh, pad),
+            nn.SiLU(),
+            Conv3x3(lh, lh, pad),
+            *(ResBlock(lh, pad) for _ in range(cfg.lq_num_res_blocks)),
+        ]
+        self.output_heads = [Linear(lh, d) for _ in range(n)]
+        if cfg.pit_lq_inject:
+            self.pit_head = Linear(lh, d)
+        self.gate_modules = [SigmaGate(d, gate_out) for _ in range(n)]
+        self._interval = cfg.lq_interval
+        self._unpatchify = cfg.lq_latent_unpatchify_factor
+        self._latent_channels = cfg.lq_latent_channels
+
+    def gate_for_block(self, i: int) -> int | None:
+        """Gate index applied before patch block ``i``, if any (every ``interval``-th block)."""
+        j = i // self._interval
+        return j if i % self._interval == 0 and j < len(self.gate_modules) else None
+
+    def features(self, z: mx.array, hs: int, ws: int) -> LqFeatures:
+        """``z (B, C, h, w)`` -> features on the ``hs x ws`` patch grid."""
+        b, c, h, w = z.shape
+        if c != self._latent_channels:
+            raise InvalidInputError(
+                f"lq latent has {c} channels, the adapter expects {self._latent_channels}", "latent_channels"
+            )
+        f = self._unpatchify
+        if f > 1:
+            # Channel c*f*f + i*f + j moves to spatial offset (i, j) at f-times the resolution.
+            z = z.reshape(b, c // (f * f), f, f, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c // (f * f), h * f, w * f)
+        t = z.transpose(0, 2, 3, 1)  # NHWC
+        if tuple(t.shape[1:3]) != (hs, ws):
+            t = t[:, nearest_indices(t.shape[1], hs)][:, :, nearest_indices(t.shape[2], ws)]
+        for layer in self.latent_proj:
+            t = layer(t)
+        tokens = t.reshape(b, hs * ws, t.shape[3])  # row-major, like the image tokens
+        return LqFeatures(
+            heads=[head(tokens) for head in self.output_heads],
+            pit=self.pit_head(tokens) if "pit_head" in self else None,
+        )

@@ -1,0 +1,271 @@
+"""The ``pid-native`` command line.
+
+Exit codes: 0 success, 1 failure (the error is printed as one line; ``--debug`` shows the
+traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError, MissingFileError, PidError
+
+DATA = Path(__file__).parent / "data"
+DEMO_IMAGE = DATA / "demo.png"
+BUNDLE_ENV = "PID_NATIVE_BUNDLE"
+
+
+def _progress_bar(desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A tqdm bar over sampler steps (and tiles) fed by decode progress events."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="step", disable=not sys.stderr.isatty())
+
+    def update(event: Any) -> None:
+        if event.phase == "step":
+            if event.index == 1:
+                bar.reset(total=event.count)
+            bar.update(1)
+        bar.set_postfix_str(str(event))
+
+    return update, bar.close
+
+
+def _default_bundle() -> Path:
+    from .provision import default_bundle_dir
+
+    return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from .decoder import Decoder
+
+    weights = Path(args.weights) if args.weights else _default_bundle()
+    if not weights.exists():
+        raise MissingFileError(
+            f"no PiD weights at {weights}; run `pid-native fetch --accept-license` first, pass --weights, "
+            f"or try `pid-native demo --synthetic`",
+            "not_provisioned",
+        )
+    return Decoder.open(
+        weights,
+        backend=args.backend,
+        gemma=args.gemma,
+        vae=args.vae,
+        memory_budget=args.memory_budget,
+        space=args.space,
+    )
+
+
+def _load_latent(path: Path) -> Any:
+    import numpy as np
+
+    if not path.is_file():
+        raise MissingFileError(f"latent file not found: {path}", "missing_file")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return z["latents"] if "latents" in z else z[z.files[0]]
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        return tensors["latents"] if "latents" in tensors else next(iter(tensors.values()))
+    raise InvalidInputError(f"unsupported latent file {path.name}: use .npy, .npz or .safetensors", "latent_format")
+
+
+def _save(images: Sequence[Any], out: Path, extra: dict[str, str]) -> list[Path]:
+    from .images import save_png
+
+    if len(images) == 1:
+        return [save_png(images[0], out, extra)]
+    return [save_png(img, out.with_name(f"{out.stem}_{i}{out.suffix}"), extra) for i, img in enumerate(images)]
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .images import to_pil
+
+    dec = _open(args)
+    latents = _load_latent(Path(args.latent))
+    update, close = _progress_bar("decode")
+    t0 = time.perf_counter()
+    try:
+        out = dec.decode(latents, args.caption, sigma=args.sigma, seed=args.seed, steps=args.steps, progress=update)
+    finally:
+        close()
+    paths = _save(to_pil(out), Path(args.output), {"pid-caption": args.caption, "pid-seed": str(args.seed)})
+    print(f"decoded {out.shape[0]} image(s) {out.shape[3]}x{out.shape[2]} in {time.perf_counter() - t0:.1f}s "
+          f"on {dec.backend}: {', '.join(map(str, paths))}")
+    return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    dec = _open(args)
+    update, close = _progress_bar("upscale")
+    try:
+        img = dec.upscale(args.image, args.caption, seed=args.seed, steps=args.steps, progress=update)
+    finally:
+        close()
+    _save([img], Path(args.output), {"pid-caption": args.caption})
+    print(f"upscaled to {img.width}x{img.height}: {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        from .testing.synth import write_bundle
+
+        cache = Path(os.environ.get("PID_NATIVE_CACHE", Path(tempfile.gettempdir()) / "pid-native-demo"))
+        args.weights = str(write_bundle(cache / "synthetic-mini", preset="mini"))
+        print(
+            "*** SYNTHETIC DEMO: random tiny weights, NOT the PiD model. The output is noise-like by design; it\n"
+            "*** shows the pipeline runs end to end. Provision the real weights with `pid-native fetch`.",
+            file=sys.stderr,
+        )
+    args.image = str(DEMO_IMAGE)
+    args.caption = args.caption or "a lake below green hills under a blue sky with white clouds and the sun"
+    return cmd_upscale(args)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .testing.synth import write_bundle
+
+    path = write_bundle(Path(args.dir), preset=args.preset)
+    print(f"wrote synthetic {args.preset} bundle (random weights, for tests only): {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import backends, build_info
+    from .memory import resolve_budget
+
+    budget, source = resolve_budget(args.memory_budget)
+    bundle = _default_bundle()
+    info = {
+        "build": build_info(),
+        "backends": {k: {"available": v.available, "reason": v.reason} for k, v in backends.available().items()},
+        "memory_budget_gib": round(budget / (1 << 30), 2),
+        "memory_budget_source": source,
+        "default_bundle": str(bundle),
+        "provisioned": (bundle / "pid-bundle.json").is_file(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    dec = _open(args)
+    h, w = (int(v) for v in args.latent.split("x"))
+    lat = np.random.default_rng(0).standard_normal((1, dec.space.channels, h, w)).astype(np.float32)
+    embs = dec.encode_captions([args.caption])
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        dec.decode(lat, caption_embs=embs, seed=0)
+        times.append(time.perf_counter() - t0)
+    px = h * w * dec.scale * dec.scale
+    best = min(times)
+    print(json.dumps({"backend": dec.backend, "output": f"{w * dec.scale}x{h * dec.scale}",
+                      "seconds_best": round(best, 3), "seconds_all": [round(t, 3) for t in times],
+                      "megapixels_per_s": round(px / best / 1e6, 4)}))
+    return 0
+
+
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help=f"bundle directory or PiD checkpoint (default: ${BUNDLE_ENV} or the provisioned bundle)")
+    p.add_argument("--gemma", help="Gemma-2-2b-it directory (overrides the bundle's)")
+    p.add_argument("--vae", help="SDXL VAE directory (overrides the bundle's)")
+    p.add_argument("--space", help="latent space or model family (sdxl, kolors, flux, ...)")
+    p.add_argument("--backend", default="auto", help="auto, candle-cpu, candle-cuda, mlx")
+    p.add_argument("--memory-budget", type=float, help="GiB a decode may use (default: $PID_MEMORY_BUDGET_GIB or free RAM)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--caption", default="", help="what the image shows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pid-native",
+        description="NVIDIA PiD pixel-diffusion decoder without PyTorch. PiD weights and every image they "
+        "decode are for research and evaluation only (NVIDIA License, NSCLv1).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decode", help="decode a latent file (.npy/.npz/.safetensors) to PNG")
+    p.add_argument("latent")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--sigma", type=float, default=0.0, help="VP noise level of a partially denoised latent")
+    _add_sampling_args(p)
+    _add_weights_args(p)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("upscale", help="upscale an image 4x (SDXL VAE encode + PiD decode)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True)
+    _add_sampling_args(p)
+    _add_weights_args(p)
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("demo", help="upscale the bundled demo picture")
+    p.add_argument("-o", "--output", default="pid-demo.png")
+    p.add_argument("--synthetic", action="store_true", help="use generated tiny random weights (no download)")
+    _add_sampling_args(p)
+    _add_weights_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic bundle with seeded random weights (tests, CI)")
+    p.add_argument("dir")
+    p.add_argument("--preset", choices=["mini", "full"], default="mini")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("info", help="backends, build, memory budget, provisioned weights")
+    p.add_argument("--memory-budget", type=float)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="time decodes of a random latent")
+    p.add_argument("--latent", default="16x16", help="latent size HxW (default 16x16 -> 512x512 output)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--caption", default="")
+    _add_weights_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    from .provision.cli import add_fetch_parser, add_verify_parser
+
+    add_fetch_parser(sub)
+    add_verify_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("pid-native: interrupted", file=sys.stderr)
+        return 130
+    except (PidError, OSError) as exc:
+        if args.debug:
+            raise
+        code = getattr(exc, "code", type(exc).__name__)
+        print(f"pid-native: error [{code}]: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
