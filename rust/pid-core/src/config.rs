@@ -147,6 +147,34 @@ impl NetConfig {
         }
     }
 
+    /// The SDXL student shrunk for tests and synthetic bundles: the topology of the
+    /// `pidnet_sdxl_mini` golden, with every layout rule of the real one.
+    pub fn sdxl_mini() -> Self {
+        Self {
+            hidden_size: 128,
+            num_groups: 2,
+            pixel_attn_hidden_size: 144,
+            pixel_num_groups: 2,
+            patch_depth: 4,
+            txt_embed_dim: 64,
+            lq_hidden_dim: 32,
+            lq_num_res_blocks: 2,
+            ..Self::sdxl_2kto4k()
+        }
+    }
+
+    /// A named preset: `sdxl-2kto4k` (the released student) or `sdxl-mini`.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "sdxl-2kto4k" => Ok(Self::sdxl_2kto4k()),
+            "sdxl-mini" => Ok(Self::sdxl_mini()),
+            other => Err(Error::input(
+                "preset",
+                format!("unknown network preset {other:?}; use \"sdxl-2kto4k\" or \"sdxl-mini\""),
+            )),
+        }
+    }
+
     pub fn from_json(json: &str) -> Result<Self> {
         let cfg: Self = serde_json::from_str(json)
             .map_err(|e| Error::input("config", format!("invalid network config: {e}")))?;

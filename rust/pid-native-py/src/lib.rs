@@ -48,6 +48,12 @@ fn checkpoint_layout(config: &str) -> Result<Vec<(String, Vec<usize>)>, PyPidErr
     Ok(NetConfig::from_json(config)?.expected_tensors())
 }
 
+/// The JSON config of a named network preset (`sdxl-2kto4k`, `sdxl-mini`).
+#[pyfunction]
+fn preset_config(name: &str) -> Result<String, PyPidError> {
+    Ok(NetConfig::preset(name)?.to_json())
+}
+
 /// Standard normal noise from the shared counter-based generator (see `pid_core::noise`).
 ///
 /// `stream` 0 is a decode's initial noise, `k + 1` the re-noising after step k. A value
@@ -78,6 +84,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian_noise, m)?)?;
+    m.add_function(wrap_pyfunction!(preset_config, m)?)?;
     m.add_class::<net::PyPidNet>()?;
     m.add_class::<decoder::PyDecoder>()?;
     m.add_class::<decoder::PyCancelToken>()?;

@@ -1,4 +1,4 @@
-//! The shrunk SDXL network of the `pidnet_sdxl_mini` golden, with seeded weights.
+//! The shrunk SDXL network (`NetConfig::sdxl_mini`, the `pidnet_sdxl_mini` golden topology) with seeded weights.
 
 use candle_core::{DType, Device};
 use pid_core::weights::{read_metadata, Checkpoint};
