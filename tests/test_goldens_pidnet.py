@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import golden_cases, golden_files, golden_metadata, is_full_topology
 from safetensors.numpy import load_file
 
+from conftest import golden_cases, golden_files, golden_metadata, is_full_topology
 from pid_native import _native
 from pid_native.testing import cached_seeded
 
@@ -52,7 +52,9 @@ def _trace_report(golden: dict, case: str, trace: dict) -> str:
     for name, value in trace.items():
         ref = golden.get(f"trace.{case}.{name}")
         if ref is not None:
-            lines.append(f"  {name}: max abs {np.abs(value - ref).max():.3e} (|ref| max {np.abs(ref).max():.3f})")
+            lines.append(
+                f"  {name}: max abs {np.abs(value - ref).max():.3e} (|ref| max {np.abs(ref).max():.3f})"
+            )
     return "\n".join(lines)
 
 
@@ -67,7 +69,8 @@ def test_golden_pidnet(path: Path, case: str, seeded_cache: Path) -> None:
         image, x0s = net.sample(g["noise"], eps, g["y"], g["lq_latent"], g["sigma"], t_list)
         err = float(np.abs(image - golden["out.sample.image"]).max())
         steps = ", ".join(
-            f"x0_step{k}: {np.abs(x0 - golden[f'trace.sample.x0_step{k}']).max():.3e}" for k, x0 in enumerate(x0s)
+            f"x0_step{k}: {np.abs(x0 - golden[f'trace.sample.x0_step{k}']).max():.3e}"
+            for k, x0 in enumerate(x0s)
         )
         assert err <= IMAGE_TOL, f"sampler image max abs error {err:.3e} > {IMAGE_TOL} ({steps})"
         return

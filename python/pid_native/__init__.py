@@ -10,7 +10,7 @@ restriction extends to every decoded image.
 
 from __future__ import annotations
 
-from . import _native, backends, latents
+from . import _native, backends, latents, provision
 from .decoder import CancelToken, Decoder, Plan, ProgressEvent
 from .errors import (
     BackendUnavailableError,
@@ -50,4 +50,5 @@ __all__ = [
     "backends",
     "build_info",
     "latents",
+    "provision",
 ]

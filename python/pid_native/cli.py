@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingFileError, PidError
+from .provision.bundle import BUNDLE_ENV, default_bundle_dir
 
 DATA = Path(__file__).parent / "data"
 DEMO_IMAGE = DATA / "demo.png"
-BUNDLE_ENV = "PID_NATIVE_BUNDLE"
 
 
 def _progress_bar(desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -40,8 +40,6 @@ def _progress_bar(desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]
 
 
 def _default_bundle() -> Path:
-    from .provision import default_bundle_dir
-
     return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
 
 
