@@ -314,7 +314,11 @@ class Decoder:
 
     def vae_decode(self, latents: Any) -> np.ndarray:
         """Plain SDXL VAE decode (the baseline PiD is compared with), ``[B, 3, 8h, 8w]`` in [-1, 1]."""
-        return self._engine.vae_decode(as_latents(latents, self.space))
+        return np.clip(self._engine.vae_decode(as_latents(latents, self.space)), -1.0, 1.0)
+
+    def vae_encode(self, images: Any) -> np.ndarray:
+        """SDXL VAE encode: ``[B, 3, H, W]`` in [-1, 1] to the scaled posterior mean ``[B, 4, H/8, W/8]``."""
+        return self._engine.vae_encode(np.ascontiguousarray(images, dtype=np.float32))
 
     def upscale(self, image: Any, caption: str = "", **kwargs: Any) -> Any:
         """Upscale an image 4x with PiD: crop to a multiple of 16, VAE-encode, decode.
@@ -331,8 +335,7 @@ class Decoder:
 
         if self.space.name != "sdxl":
             raise InvalidInputError(f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space")
-        pixels = load_image(image)
-        latent = self._engine.vae_encode(pixels)
+        latent = self.vae_encode(load_image(image))
         return to_pil(self.decode(latent, caption, **kwargs))[0]
 
 

@@ -150,6 +150,21 @@ impl Checkpoint {
         })
     }
 
+    /// Open, take the config (given JSON, else detected from the tensors) and validate.
+    pub fn open_validated(
+        path: impl AsRef<Path>,
+        config: Option<&str>,
+        hint: Option<LatentHint>,
+    ) -> Result<(Self, NetConfig)> {
+        let ckpt = Self::open(path)?;
+        let cfg = match config {
+            Some(json) => NetConfig::from_json(json)?,
+            None => ckpt.detect_config(hint)?,
+        };
+        ckpt.validate(&cfg)?;
+        Ok((ckpt, cfg))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

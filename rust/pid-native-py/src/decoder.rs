@@ -14,7 +14,7 @@ use crate::net::parse_dtype;
 use pid_core::decoder::{self, Event, Progress, Request};
 use pid_core::plan::{self, DTypes, Plan};
 use pid_core::weights::Checkpoint;
-use pid_core::{Error, LatentHint, NetConfig, PidNet};
+use pid_core::{Error, LatentHint, PidNet};
 
 /// "cpu", "cuda" or "cuda:N".
 pub fn parse_device(name: &str) -> Result<Device, PyPidError> {
@@ -112,7 +112,7 @@ impl Progress for PyProgress {
     }
 }
 
-fn plan_dict<'py>(py: Python<'py>, p: &Plan) -> PyResult<Bound<'py, PyDict>> {
+pub fn plan_dict<'py>(py: Python<'py>, p: &Plan) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("height", p.height)?;
     d.set_item("width", p.width)?;
@@ -187,9 +187,7 @@ impl PyDecoder {
             spatial_down_factor: latent_down_factor,
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
-            let ckpt = Checkpoint::open(&checkpoint)?;
-            let cfg: NetConfig = ckpt.detect_config(hint)?;
-            ckpt.validate(&cfg)?;
+            let (ckpt, cfg) = Checkpoint::open_validated(&checkpoint, None, hint)?;
             Ok(PidNet::new(
                 &cfg,
                 ckpt.var_builder(wdt, &device),

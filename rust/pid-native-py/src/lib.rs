@@ -14,7 +14,8 @@ use pyo3::types::PyDict;
 
 use errors::{input_error, PyPidError};
 use pid_core::noise::{self, Stream};
-use pid_core::NetConfig;
+use pid_core::weights::Checkpoint;
+use pid_core::{LatentHint, NetConfig};
 
 /// What this extension was built with: crate version, cargo features, candle version, target.
 #[pyfunction]
@@ -46,6 +47,69 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 fn checkpoint_layout(config: &str) -> Result<Vec<(String, Vec<usize>)>, PyPidError> {
     Ok(NetConfig::from_json(config)?.expected_tensors())
+}
+
+/// Validate a PiD checkpoint from its header (no tensor is read) and return its config JSON:
+/// the given `config`, else the one detected from the tensors for the latent space.
+#[pyfunction]
+#[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=8))]
+fn inspect_checkpoint(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    config: Option<String>,
+    latent_channels: Option<usize>,
+    latent_down_factor: usize,
+) -> Result<String, PyPidError> {
+    let hint = latent_channels.map(|channels| LatentHint { channels, spatial_down_factor: latent_down_factor });
+    let (_, cfg) = py.detach(|| Checkpoint::open_validated(&path, config.as_deref(), hint))?;
+    Ok(cfg.to_json())
+}
+
+/// Check that files are complete, readable safetensors (header and length), naming what is wrong.
+#[pyfunction]
+fn check_safetensors(paths: Vec<std::path::PathBuf>) -> Result<(), PyPidError> {
+    pid_core::weights::open_safetensors(&paths)?;
+    Ok(())
+}
+
+/// Validate a network config JSON and return it with every field filled in.
+#[pyfunction]
+fn normalize_config(config: &str) -> Result<String, PyPidError> {
+    Ok(NetConfig::from_json(config)?.to_json())
+}
+
+/// The memory plan (see `pid_core::plan`) for `batch` latents of `h x w` of a network config,
+/// so every backend plans identically. Raises BudgetError when nothing fits.
+#[pyfunction]
+#[pyo3(signature = (config, batch, h, w, weight_bytes, budget_bytes, tile=None))]
+#[allow(clippy::too_many_arguments)]
+fn plan_decode<'py>(
+    py: Python<'py>,
+    config: &str,
+    batch: usize,
+    h: usize,
+    w: usize,
+    weight_bytes: usize,
+    budget_bytes: u64,
+    tile: Option<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cfg = NetConfig::from_json(config).map_err(PyPidError::from)?;
+    let (oh, ow) = pid_core::decoder::output_size(&cfg, h, w);
+    let dt = pid_core::plan::DTypes { activation: 4, weight: weight_bytes };
+    let p = pid_core::plan::plan(&cfg, batch, oh, ow, dt, budget_bytes, tile).map_err(PyPidError::from)?;
+    decoder::plan_dict(py, &p)
+}
+
+/// Tile blend weights along one axis (see `pid_core::plan::feather`).
+#[pyfunction]
+fn feather(length: usize, ramp_start: bool, ramp_end: bool) -> Vec<f32> {
+    pid_core::plan::feather(length, ramp_start, ramp_end)
+}
+
+/// The sampler's t ladder for `steps` network evaluations.
+#[pyfunction]
+fn t_ladder(steps: usize) -> Result<Vec<f32>, PyPidError> {
+    Ok(pid_core::sampler::t_ladder(steps)?)
 }
 
 /// The JSON config of a named network preset (`sdxl-2kto4k`, `sdxl-mini`).
@@ -85,6 +149,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian_noise, m)?)?;
     m.add_function(wrap_pyfunction!(preset_config, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(check_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(normalize_config, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(feather, m)?)?;
+    m.add_function(wrap_pyfunction!(t_ladder, m)?)?;
     m.add_class::<net::PyPidNet>()?;
     m.add_class::<decoder::PyDecoder>()?;
     m.add_class::<decoder::PyCancelToken>()?;

@@ -10,7 +10,7 @@ use crate::errors::{input_error, PyPidError};
 use pid_core::net::{PidNet, Trace};
 use pid_core::sampler::{self, StepObserver};
 use pid_core::weights::Checkpoint;
-use pid_core::{LatentHint, NetConfig};
+use pid_core::LatentHint;
 
 pub fn parse_dtype(name: &str) -> PyResult<DType> {
     match name {
@@ -56,17 +56,8 @@ impl PyPidNet {
             spatial_down_factor: latent_down_factor.unwrap_or(8),
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
-            let ckpt = Checkpoint::open(&path)?;
-            let cfg = match &config {
-                Some(json) => NetConfig::from_json(json)?,
-                None => ckpt.detect_config(hint)?,
-            };
-            ckpt.validate(&cfg)?;
-            Ok(PidNet::new(
-                &cfg,
-                ckpt.var_builder(wdt, &Device::Cpu),
-                DType::F32,
-            )?)
+            let (ckpt, cfg) = Checkpoint::open_validated(&path, config.as_deref(), hint)?;
+            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &Device::Cpu), DType::F32)?)
         })?;
         Ok(Self { net })
     }

@@ -1,0 +1,75 @@
+"""The MLX backend: the whole decoder in pure-Python MLX (Metal on Apple silicon, CPU elsewhere).
+
+The tree mirrors ``rust/pid-core/src`` file for file: ``config``, ``weights``, ``net/``
+(``embedders``, ``rope``, ``attention``, ``layers``, ``patch_block``, ``pixel_block``,
+``lq_proj``), ``noise``, ``sampler``, ``plan``, ``caption/`` (``prompt``, ``gemma``),
+``vae`` and ``decoder``. Deliberate differences: errors come from the package-level
+``pid_native.errors`` (the core's ``error.rs``), and ``engine`` adapts :class:`MlxDecoder`
+to the backend registry (the candle side does that in the PyO3 binding).
+
+Importing this package does not import ``mlx``, so the registry can report why the backend
+is unavailable instead of failing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import Availability, OpenSpec
+
+if TYPE_CHECKING:
+    from .engine import MlxEngine
+
+_INSTALL = "pip install 'pid-native[mlx]'"
+
+
+def gpu_kind() -> str | None:
+    """Which GPU backend MLX has here: "Metal", "CUDA" or None."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "Metal"
+    cuda = getattr(mx, "cuda", None)
+    return "CUDA" if cuda is not None and cuda.is_available() else None
+
+
+@dataclass(frozen=True)
+class MlxBackend:
+    """Registry entry ``mlx``: what "auto" picks on Apple silicon (Metal), never elsewhere."""
+
+    name: str = "mlx"
+
+    @property
+    def priority(self) -> int:
+        # Without Metal, stay below candle-cpu (0): MLX's Linux CPU build uses the reference
+        # BLAS, and on CUDA hosts candle-cuda is the engine to pick.
+        return 10 if self.availability().available and gpu_kind() == "Metal" else -10
+
+    def availability(self) -> Availability:
+        try:
+            import mlx.core  # noqa: F401
+        except ImportError as exc:
+            if "libmlx" in str(exc):
+                return Availability(
+                    False,
+                    f"mlx is installed without its native library ({exc}); on Linux install the CPU build "
+                    "with pip install 'mlx[cpu]'",
+                )
+            return Availability(False, f"mlx is not installed ({exc}); {_INSTALL}")
+        kind = gpu_kind()
+        if kind:
+            return Availability(True, f"{kind} GPU available to mlx")
+        where = "macOS without a Metal device" if sys.platform == "darwin" else "no Metal or CUDA GPU here"
+        return Availability(True, f"mlx on the CPU only ({where}): correct but slow")
+
+    def open(self, spec: OpenSpec) -> MlxEngine:
+        from .engine import MlxEngine
+
+        return MlxEngine.open(spec)
+
+
+BACKEND = MlxBackend()
+
+__all__ = ["BACKEND", "MlxBackend"]

@@ -19,35 +19,18 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from ...errors import InvalidInputError
-from .net.rope import linspace_f32
-
-# The distilled ladder of every released student.
-DISTILLED_T = (0.999, 0.866, 0.634, 0.342, 0.0)
+from ... import _native
 
 f32 = np.float32
 
 
 def t_ladder(steps: int) -> list[float]:
-    """The t ladder for ``steps`` network evaluations, as upstream subsamples it:
-    indices round-half-even(linspace(0, 4, steps + 1)); a single step runs at t = 1.
+    """The t ladder for ``steps`` network evaluations (the core's upstream subsampling).
 
     Raises:
         InvalidInputError: steps outside 1..4 (code ``steps``).
     """
-    n = len(DISTILLED_T) - 1
-    if steps == 1:
-        return [1.0, 0.0]
-    if steps == n:
-        return list(DISTILLED_T)
-    if steps in (2, 3):
-        # np.round rounds half to even, like torch.
-        return [DISTILLED_T[int(i)] for i in np.round(linspace_f32(0.0, float(n), steps + 1))]
-    raise InvalidInputError(
-        f"steps = {steps} is not supported; the distilled student runs 1, 2, 3 or 4 steps "
-        "(4 is the trained schedule)",
-        "steps",
-    )
+    return _native.t_ladder(steps)
 
 
 @dataclass(frozen=True)

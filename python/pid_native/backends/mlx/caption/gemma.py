@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ....errors import InvalidInputError
 from ..net.layers import Linear, set_matmul_dtype
 from ..net.rope import pow_f32, unary_f32
 
@@ -48,12 +49,20 @@ class GemmaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GemmaConfig:
-        names = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise InvalidInputError(
+                f"Gemma hidden_activation {act!r} is not supported; Gemma-2 uses 'gelu_pytorch_tanh'",
+                "gemma_config",
+            )
+        names = set(cls.__dataclass_fields__)
+        # Absent or null pad/bos ids mean Gemma's 0 and 2; a null softcap or window means none.
+        kwargs = {k: v for k, v in raw.items() if k in names and not (v is None and k.endswith("token_id"))}
         if not kwargs.get("layer_types"):
             # Gemma2Config's default: even layers (0-based) use the sliding window.
             kwargs["layer_types"] = [
-                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(raw["num_hidden_layers"])
+                "sliding_attention" if (i + 1) % 2 else "full_attention"
+                for i in range(raw["num_hidden_layers"])
             ]
         kwargs["layer_types"] = tuple(kwargs["layer_types"])
         return cls(**kwargs)
@@ -91,7 +100,10 @@ def rotate_half_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[mx.array, mx.array]:
-    """cos/sin ``(length, head_dim/2)`` with HF's f32 steps: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq."""
+    """cos/sin tables ``(length, head_dim/2)`` with HF's f32 steps.
+
+    inv_freq = 1 / theta^(2i/d) and angle = pos * inv_freq, both in f32.
+    """
     exps = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
     inv_freq = np.float32(1.0) / pow_f32(np.float32(theta), exps)
     angles = np.arange(length).astype(np.float32)[:, None] * inv_freq
@@ -197,8 +209,38 @@ class Gemma2Model(nn.Module):
             out["sliding_attention"] = keep
         return out
 
+    def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Shapes, vocabulary and right padding, as the core checks them.
+
+        Raises:
+            InvalidInputError: codes ``token_shape``, ``token_id``, ``attention_mask``.
+        """
+        if input_ids.ndim != 2 or 0 in input_ids.shape or attention_mask.shape != input_ids.shape:
+            raise InvalidInputError(
+                "input_ids and attention_mask must both be non-empty (B, L); "
+                f"got {list(input_ids.shape)} and {list(attention_mask.shape)}",
+                "token_shape",
+            )
+        vocab = self._cfg.vocab_size
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+        if bad.size:
+            raise InvalidInputError(
+                f"token id {bad[0]} is outside the vocabulary 0..{vocab}; was the text tokenized with "
+                "this model's tokenizer.json?",
+                "token_id",
+            )
+        if not np.isin(attention_mask, (0, 1)).all():
+            raise InvalidInputError("attention_mask must hold only 0 and 1", "attention_mask")
+        if (attention_mask[:, 0] == 0).any():
+            raise InvalidInputError(
+                "every sequence must start with a token (attention_mask[:, 0] == 1): "
+                "the batch must be right padded",
+                "attention_mask",
+            )
+
     def __call__(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
-        """``input_ids, attention_mask (B, L)`` -> hidden states ``(B, L, hidden)`` f32."""
+        """``input_ids, attention_mask (B, L)`` (right padded) -> hidden states ``(B, L, hidden)`` f32."""
+        self.check_inputs(np.array(input_ids), np.array(attention_mask))
         cfg = self._cfg
         x = self.embed_tokens(input_ids).astype(mx.float32)
         x = x * mx.array(math.sqrt(cfg.hidden_size), dtype=x.dtype)

@@ -28,15 +28,13 @@ import mlx.nn as nn
 
 from ....errors import InvalidInputError
 from ..config import GATE_PER_DIM, NetConfig
-from .attention import AttentionBudget
+from .attention import AttentionBudget, Rope
 from .embedders import CaptionEmbedder, PatchEmbedder, PixelEmbedder, TimestepEmbedder
 from .layers import set_matmul_dtype
 from .lq_proj import LqFeatures, LqProj, SigmaGate
 from .patch_block import PatchBlock
 from .pixel_block import FinalLayer, PixelBlock, fold
 from .rope import image_rope, text_rope
-
-Rope = tuple[mx.array, mx.array]
 
 
 class Trace:
@@ -89,7 +87,9 @@ class PidNet(nn.Module):
         self.pixel_embedder = PixelEmbedder(cfg.in_channels, cfg.pixel_hidden_size)
         self.patch_blocks = [PatchBlock(d, cfg.num_groups, cfg.ffn_hidden) for _ in range(cfg.patch_depth)]
         self.pixel_blocks = [
-            PixelBlock(cfg.pixel_hidden_size, d, cfg.patch_size, cfg.pixel_attn_hidden_size, cfg.pixel_num_groups)
+            PixelBlock(
+                cfg.pixel_hidden_size, d, cfg.patch_size, cfg.pixel_attn_hidden_size, cfg.pixel_num_groups
+            )
             for _ in range(cfg.pixel_depth)
         ]
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels)
@@ -111,7 +111,9 @@ class PidNet(nn.Module):
     def _grid(self, h: int, w: int) -> tuple[int, int]:
         p = self._cfg.patch_size
         if h <= 0 or w <= 0 or h % p or w % p:
-            raise InvalidInputError(f"output size {h}x{w} must be a positive multiple of the patch size {p}", "size")
+            raise InvalidInputError(
+                f"output size {h}x{w} must be a positive multiple of the patch size {p}", "size"
+            )
         return h // p, w // p
 
     def condition(
@@ -146,12 +148,13 @@ class PidNet(nn.Module):
         return cond
 
     def velocity(self, cond: Conditioning, x: mx.array, t: mx.array, trace: Trace | None = None) -> mx.array:
-        """The velocity for noisy pixels ``x (B, 3, H, W)`` at timesteps ``t (B,)`` (x1000)."""
+        """The velocity (f32) for noisy pixels ``x (B, 3, H, W)`` at timesteps ``t (B,)`` (x1000)."""
         trace = trace or Trace()
         b, _, h, w = x.shape
         if (h, w) != cond.size or b != cond.batch:
             raise InvalidInputError(
-                f"x has shape {list(x.shape)} but the conditioning was prepared for batch {cond.batch} at {cond.size}",
+                f"x has shape {list(x.shape)} but the conditioning was prepared for batch {cond.batch} "
+                f"at {cond.size}",
                 "x_shape",
             )
         x = x.astype(mx.float32)
@@ -190,7 +193,8 @@ class PidNet(nn.Module):
             mx.eval(px)
         out = self.final_layer(px)
         trace.record("final_layer", out)
-        return fold(out, b, h, w, self._cfg.patch_size)
+        # v leaves the final Linear in the matmul dtype (bf16 under autocast); f32 is exact.
+        return fold(out, b, h, w, self._cfg.patch_size).astype(mx.float32)
 
     def __call__(
         self, x: mx.array, t: mx.array, y: mx.array, z: mx.array, sigma: mx.array, trace: Trace | None = None

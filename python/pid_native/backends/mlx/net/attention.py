@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+# cos/sin tables (L, head_dim / 2) of one rotary embedding.
+Rope = tuple[mx.array, mx.array]
+
 # Head dims with a fused Metal kernel (mlx 0.32, ``ScaledDotProductAttention::use_fallback``).
 FUSED_HEAD_DIMS = (64, 80, 128)
 
@@ -51,7 +54,7 @@ def padded_head_dim(d: int) -> int:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, budget: AttentionBudget = AttentionBudget()) -> mx.array:
-    """softmax(q k^T / sqrt(d)) v for ``q (B, H, Lq, d)``, ``k, v (B, H, Lk, d)``; returns ``(B, H, Lq, d)``."""
+    """softmax(q k^T / sqrt(d)) v for ``q (B, H, Lq, d)`` and ``k, v (B, H, Lk, d)``; ``(B, H, Lq, d)``."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = 1.0 / math.sqrt(d)

@@ -1,4 +1,4 @@
-"""Input embedders (pid_spec §3.2; mirrors ``net/embedders.rs``): timestep, caption, patch and pixel tokens."""
+"""Input embedders: timestep, caption, patch and pixel tokens (pid_spec §3.2; mirrors ``embedders.rs``)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ class PatchEmbedder(nn.Module):
         b, c, h, w = x.shape
         p = self._patch
         patches = (
-            x.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+            x.reshape(b, c, h // p, p, w // p, p)
+            .transpose(0, 2, 4, 1, 3, 5)
+            .reshape(b, (h // p) * (w // p), c * p * p)
         )
         return self.proj(patches)
 

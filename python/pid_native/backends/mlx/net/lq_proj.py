@@ -3,8 +3,9 @@
 Upstream ``LQProjection2D`` (``networks/lq_projection_2d.py``). The latent is (un-patchified
 for flux2 v1.5 and) nearest-resized to the patch grid, run through a conv trunk, and
 projected by one linear head per injection point. The features depend only on the
-latent, so callers compute them once per decode. The trunk runs NHWC (MLX's conv layout);
-conv weights arrive as ``(O, KH, KW, I)`` from :mod:`..weights`.
+latent, so callers compute them once per decode. The trunk runs NHWC (MLX's conv layout).
+All convolutions are 3x3, stride 1, padding 1 (zeros for v1, replicate for v1.5); GroupNorm
+has 4 groups and eps 1e-5.
 """
 
 from __future__ import annotations
@@ -17,64 +18,24 @@ import numpy as np
 
 from ....errors import InvalidInputError
 from ..config import GATE_PER_DIM, NetConfig
-from .layers import Linear
-
-
-class Conv3x3(nn.Module):
-    """3x3 convolution, stride 1, padding 1 with zero or replicate padding; NHWC."""
-
-    def __init__(self, cin: int, cout: int, padding: str) -> None:
-        super().__init__()
-        self.weight = mx.zeros((cout, 3, 3, cin))
-        self.bias = mx.zeros((cout,))
-        self.matmul_dtype: mx.Dtype | None = None
-        self._padding = padding
-
-    def __call__(self, x: mx.array) -> mx.array:
-        dt = self.matmul_dtype or x.dtype
-        x = x.astype(dt)
-        w = self.weight.astype(dt)
-        if self._padding == "replicate":
-            y = mx.conv2d(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="edge"), w)
-        else:
-            y = mx.conv2d(x, w, padding=1)
-        return y + self.bias.astype(dt)
-
-
-class GroupNorm(nn.Module):
-    """``nn.GroupNorm(groups, C, eps=1e-5)`` on NHWC input, in f32 (autocast's fp32 list)."""
-
-    EPS = 1e-5
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.weight = mx.ones((channels,))
-        self.bias = mx.zeros((channels,))
-        self._groups = groups
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        g = x.astype(mx.float32).reshape(b, h * w, self._groups, c // self._groups)
-        g = g - g.mean(axis=(1, 3), keepdims=True)
-        var = mx.square(g).mean(axis=(1, 3), keepdims=True)
-        g = (g * mx.rsqrt(var + self.EPS)).reshape(b, h, w, c)
-        return g * self.weight.astype(mx.float32) + self.bias.astype(mx.float32)
+from .layers import Conv2d, GroupNorm, Linear
 
 
 class ResBlock(nn.Module):
     """Pre-activation residual block x + Conv(SiLU(GN(Conv(SiLU(GN(x)))))), keys ``block.{0,2,3,5}``."""
 
     GROUPS = 4
+    EPS = 1e-5
 
     def __init__(self, ch: int, padding: str) -> None:
         super().__init__()
         self.block = [
-            GroupNorm(ch, self.GROUPS),
+            GroupNorm(ch, self.GROUPS, self.EPS),
             nn.SiLU(),
-            Conv3x3(ch, ch, padding),
-            GroupNorm(ch, self.GROUPS),
+            Conv2d(ch, ch, 3, padding=1, padding_mode=padding),
+            GroupNorm(ch, self.GROUPS, self.EPS),
             nn.SiLU(),
-            Conv3x3(ch, ch, padding),
+            Conv2d(ch, ch, 3, padding=1, padding_mode=padding),
         ]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -121,9 +82,9 @@ class LqProj(nn.Module):
         gate_out = d if cfg.lq_gate_type == GATE_PER_DIM else 1
         n = cfg.num_lq_outputs
         self.latent_proj = [
-            Conv3x3(cfg.lq_conv_in_channels, lh, pad),
+            Conv2d(cfg.lq_conv_in_channels, lh, 3, padding=1, padding_mode=pad),
             nn.SiLU(),
-            Conv3x3(lh, lh, pad),
+            Conv2d(lh, lh, 3, padding=1, padding_mode=pad),
             *(ResBlock(lh, pad) for _ in range(cfg.lq_num_res_blocks)),
         ]
         self.output_heads = [Linear(lh, d) for _ in range(n)]
@@ -149,7 +110,11 @@ class LqProj(nn.Module):
         f = self._unpatchify
         if f > 1:
             # Channel c*f*f + i*f + j moves to spatial offset (i, j) at f-times the resolution.
-            z = z.reshape(b, c // (f * f), f, f, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c // (f * f), h * f, w * f)
+            z = (
+                z.reshape(b, c // (f * f), f, f, h, w)
+                .transpose(0, 1, 4, 2, 5, 3)
+                .reshape(b, c // (f * f), h * f, w * f)
+            )
         t = z.transpose(0, 2, 3, 1)  # NHWC
         if tuple(t.shape[1:3]) != (hs, ws):
             t = t[:, nearest_indices(t.shape[1], hs)][:, :, nearest_indices(t.shape[2], ws)]

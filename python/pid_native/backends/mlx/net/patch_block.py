@@ -10,13 +10,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import AttentionBudget, apply_rope, attention, merge_heads, split_heads
+from .attention import AttentionBudget, Rope, apply_rope, attention, merge_heads, split_heads
 from .layers import Linear, RmsNorm, gated_add, map_row_chunks, modulate
 
 # Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
 TOKEN_ROWS = 8192
-
-Rope = tuple[mx.array, mx.array]
 
 
 class FeedForward(nn.Module):
@@ -30,12 +28,14 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, n, d = x.shape
-        rows = map_row_chunks(x.reshape(b * n, d), TOKEN_ROWS, lambda r, _: self.w2(nn.silu(self.w1(r)) * self.w3(r)))
+        rows = map_row_chunks(
+            x.reshape(b * n, d), TOKEN_ROWS, lambda r, _: self.w2(nn.silu(self.w1(r)) * self.w3(r))
+        )
         return rows.reshape(b, n, d)
 
 
 class JointAttention(nn.Module):
-    """``attn``: per-stream QKV and per-head q/k RMSNorm, joint attention over [text; image], per-stream output."""
+    """``attn``: per-stream QKV and q/k RMSNorm, joint attention over [text; image], per-stream output."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()

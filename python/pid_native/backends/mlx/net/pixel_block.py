@@ -16,13 +16,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import AttentionBudget, apply_rope, attention, merge_heads, split_heads
+from .attention import AttentionBudget, Rope, apply_rope, attention, merge_heads, split_heads
 from .layers import Linear, RmsNorm, gated_add, map_row_chunks, modulate
 
 # Patches processed at once in the token-local passes.
 PATCH_ROWS = 1024
-
-Rope = tuple[mx.array, mx.array]
 
 
 class Mlp(nn.Module):
@@ -38,7 +36,7 @@ class Mlp(nn.Module):
 
 
 class PixelAttention(nn.Module):
-    """``attn`` (upstream ``RotaryAttention``): qkv, per-head q/k RMSNorm, 2-D RoPE, global attention, proj."""
+    """``attn`` (upstream ``RotaryAttention``): qkv, q/k RMSNorm, 2-D RoPE, global attention, proj."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -73,7 +71,11 @@ class PixelBlock(nn.Module):
     def _modulation(self, k: int, s: mx.array) -> mx.array:
         """Modulation ``k`` (shift_msa .. gate_mlp) for the patches ``s (n, D)``: ``(n, P*P, dim)``."""
         width = self._p2 * self._dim
-        return self.adaLN_modulation[0].forward_rows(s, k * width, (k + 1) * width).reshape(-1, self._p2, self._dim)
+        return (
+            self.adaLN_modulation[0]
+            .forward_rows(s, k * width, (k + 1) * width)
+            .reshape(-1, self._p2, self._dim)
+        )
 
     def __call__(self, x: mx.array, s: mx.array, batch: int, rope: Rope, budget: AttentionBudget) -> mx.array:
         """``x (B*L, P*P, dim)``, ``s (B*L, D)``; ``batch`` = B."""
@@ -117,4 +119,8 @@ def fold(o: mx.array, batch: int, h: int, w: int, patch: int) -> mx.array:
     """Fold ``(B*L, P*P, C)`` pixel outputs back to an image ``(B, C, H, W)``:
     out[b, c, hs*P + ky, ws*P + kx] = o[b*L + hs*Ws + ws, ky*P + kx, c]."""
     c = o.shape[2]
-    return o.reshape(batch, h // patch, w // patch, patch, patch, c).transpose(0, 5, 1, 3, 2, 4).reshape(batch, c, h, w)
+    return (
+        o.reshape(batch, h // patch, w // patch, patch, patch, c)
+        .transpose(0, 5, 1, 3, 2, 4)
+        .reshape(batch, c, h, w)
+    )

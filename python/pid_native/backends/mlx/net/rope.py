@@ -92,8 +92,10 @@ def pixel_sincos(dim: int, h: int, w: int) -> mx.array:
 
     cols, rows = axis(w), axis(h)
     table = np.concatenate(
-        [np.broadcast_to(cols[None], (h, w, 2 * quarter)), np.broadcast_to(rows[:, None], (h, w, 2 * quarter))],
+        [
+            np.broadcast_to(cols[None], (h, w, 2 * quarter)),
+            np.broadcast_to(rows[:, None], (h, w, 2 * quarter)),
+        ],
         axis=-1,
     )
     return mx.array(np.ascontiguousarray(table))
-

@@ -1,0 +1,106 @@
+"""Adapter from :class:`.decoder.MlxDecoder` to the backend registry's ``Engine`` protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ...errors import BackendUnavailableError, InvalidInputError
+from .. import OpenSpec
+from . import gpu_kind
+from .decoder import MlxDecoder
+
+_WEIGHT_DTYPES = {
+    None: None,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "f32": "float32",
+    "float32": "float32",
+}
+
+
+def _device(name: str | None) -> mx.Device:
+    """None: the GPU when MLX has one, else the CPU."""
+    if name in (None, "gpu", "metal", "cuda"):
+        if gpu_kind():
+            return mx.gpu
+        if name is None:
+            return mx.cpu
+        raise BackendUnavailableError(
+            f"device {name!r} needs a GPU backend of mlx, which this host lacks; use 'cpu'"
+        )
+    if name == "cpu":
+        return mx.cpu
+    raise InvalidInputError(f"unknown mlx device {name!r}; use 'gpu' or 'cpu'", "device")
+
+
+class MlxEngine:
+    """A loaded MLX decoder; every call runs on the engine's device and calls serialise."""
+
+    backend = "mlx"
+
+    def __init__(self, decoder: MlxDecoder, device: mx.Device) -> None:
+        self.decoder = decoder
+        self.device = device
+        self.scale = decoder.scale
+
+    @classmethod
+    def open(cls, spec: OpenSpec) -> MlxEngine:
+        if spec.dtype not in _WEIGHT_DTYPES:
+            raise InvalidInputError(f"dtype {spec.dtype!r} is not supported; use 'bf16' or 'f32'", "dtype")
+        device = _device(spec.device)
+        with mx.stream(device):
+            decoder = MlxDecoder.open(
+                spec.checkpoint,
+                spec.gemma,
+                spec.vae,
+                latent_channels=spec.space.channels,
+                latent_down_factor=spec.space.down_factor,
+                softcap=spec.softcap,
+                weight_dtype=_WEIGHT_DTYPES[spec.dtype],
+            )
+        return cls(decoder, device)
+
+    def encode_captions(self, captions: list[str]) -> np.ndarray:
+        with mx.stream(self.device):
+            return self.decoder.encode_captions(captions)
+
+    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
+        return self.decoder.plan(batch, h, w, budget_bytes, tile).as_dict()
+
+    def decode(
+        self,
+        latents: np.ndarray,
+        caption_embs: np.ndarray,
+        sigma: list[float],
+        seeds: list[int],
+        steps: int,
+        budget_bytes: int,
+        tile: int | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        cancel: Any,
+    ) -> np.ndarray:
+        b, _, h, w = np.shape(latents)
+        plan = self.decoder.plan(b, h, w, budget_bytes, tile)
+        with mx.stream(self.device):
+            return self.decoder.decode(
+                latents,
+                caption_embs,
+                np.asarray(sigma, dtype=np.float32),
+                seeds,
+                steps,
+                should_cancel=(lambda: bool(cancel.cancelled)) if cancel is not None else None,
+                plan=plan,
+                on_event=progress,
+            )
+
+    def vae_encode(self, images: np.ndarray) -> np.ndarray:
+        with mx.stream(self.device):
+            return self.decoder.vae_encode(images)
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        with mx.stream(self.device):
+            return self.decoder.vae_decode(latents)
