@@ -61,3 +61,11 @@ def mini_checkpoint(seeded_cache: Path) -> Path:
 
     config = golden_metadata(GOLDENS / "pidnet_sdxl_mini.safetensors")["config"]
     return cached_seeded(seeded_cache, _native.checkpoint_layout(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma-style tokenizer.json whose ids fit the gemma2 goldens' 512-entry vocabulary."""
+    from pid_native.testing import build_tiny_gemma_tokenizer
+
+    return build_tiny_gemma_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")

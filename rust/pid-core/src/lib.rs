@@ -9,6 +9,7 @@
 //! PiD weights are under the NVIDIA License (NSCLv1, non-commercial): the restriction
 //! extends to every decoded image.
 
+pub mod caption;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod net;
 pub mod noise;
 pub mod plan;
 pub mod sampler;
+pub mod vae;
 pub mod weights;
 
 pub use config::{LatentHint, NetConfig};

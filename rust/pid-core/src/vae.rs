@@ -14,7 +14,7 @@
 //! Memory: the mid-block attention materialises `(h*w)^2` scores at the latent resolution
 //! (1 GB for a 128x128 latent), as candle's block does.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -370,6 +370,7 @@ pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     cfg: VaeConfig,
+    device: Device,
 }
 
 impl Vae {
@@ -402,8 +403,10 @@ impl Vae {
                 ));
             };
             let cfg = VaeConfig::from_json(json, path)?;
-            let files: [PathBuf; 1] = [path.to_path_buf()];
-            (cfg, TensorSet::open(path, &files, &["weights."])?)
+            (
+                cfg,
+                TensorSet::open(path, &[path.to_path_buf()], &["weights."])?,
+            )
         };
         tensors.check(
             &cfg.expected_tensors(),
@@ -428,6 +431,7 @@ impl Vae {
                 .transpose()?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             cfg: cfg.clone(),
+            device: vb.device().clone(),
         })
     }
 
@@ -466,7 +470,8 @@ impl Vae {
                 ),
             ));
         }
-        let moments = self.encoder.forward(&image.to_dtype(DType::F32)?)?;
+        let image = image.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let moments = self.encoder.forward(&image)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&moments)?,
             None => moments,
@@ -494,7 +499,7 @@ impl Vae {
                 ),
             ));
         }
-        let z = latent.to_dtype(DType::F32)?;
+        let z = latent.to_device(&self.device)?.to_dtype(DType::F32)?;
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(&z)?,
             None => z,

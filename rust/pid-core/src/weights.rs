@@ -183,51 +183,13 @@ impl Checkpoint {
 
     /// Check presence, shape and dtype of every tensor `cfg` needs, and that nothing unknown is there.
     pub fn validate(&self, cfg: &NetConfig) -> Result<()> {
-        let expected = cfg.expected_tensors();
-        for (name, shape) in &expected {
-            match self.index.get(name) {
-                None => {
-                    return Err(Error::weights(
-                        &self.path,
-                        "missing_tensor",
-                        format!("tensor `{name}` (shape {shape:?}) is missing; the file is incomplete or not a PiD student"),
-                    ))
-                }
-                Some((dtype, got)) => {
-                    if got != shape {
-                        return Err(Error::weights(
-                            &self.path,
-                            "tensor_shape",
-                            format!("tensor `{name}` has shape {got:?}, expected {shape:?}"),
-                        ));
-                    }
-                    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
-                        return Err(Error::weights(
-                            &self.path,
-                            "tensor_dtype",
-                            format!("tensor `{name}` has dtype {dtype:?}, expected bf16, f16 or f32"),
-                        ));
-                    }
-                }
-            }
-        }
-        let known: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut ignored = 0usize;
-        for name in self.index.keys() {
-            if known.contains(name.as_str()) {
-                continue;
-            }
-            if IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)) {
-                ignored += 1;
-                continue;
-            }
-            return Err(Error::weights(
-                &self.path,
-                "unexpected_tensor",
-                format!("unexpected tensor `{name}`: the file does not match the detected network layout"),
-            ));
-        }
+        let ignored = check_layout(
+            &self.path,
+            &self.index,
+            &cfg.expected_tensors(),
+            "a PiD student",
+            |name| IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)),
+        )?;
         if ignored > 0 {
             log::debug!(
                 "{}: ignoring {ignored} training-only tensors (lq_aux_rgb_head)",
@@ -266,4 +228,122 @@ pub fn read_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>>
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Check that `index` holds every tensor of `expected` with that shape and a float dtype, and
+/// nothing else except names `ignore` accepts; `what` names the model in messages ("a PiD student").
+/// Returns how many tensors were ignored.
+pub fn check_layout(
+    path: &Path,
+    index: &BTreeMap<String, (DType, Vec<usize>)>,
+    expected: &[(String, Vec<usize>)],
+    what: &str,
+    ignore: impl Fn(&str) -> bool,
+) -> Result<usize> {
+    for (name, shape) in expected {
+        let Some((dtype, got)) = index.get(name) else {
+            return Err(Error::weights(
+                path,
+                "missing_tensor",
+                format!("tensor `{name}` (shape {shape:?}) is missing; the file is incomplete or not {what}"),
+            ));
+        };
+        if got != shape {
+            return Err(Error::weights(
+                path,
+                "tensor_shape",
+                format!("tensor `{name}` has shape {got:?}, expected {shape:?}"),
+            ));
+        }
+        if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+            return Err(Error::weights(
+                path,
+                "tensor_dtype",
+                format!("tensor `{name}` has dtype {dtype:?}, expected bf16, f16 or f32"),
+            ));
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut ignored = 0usize;
+    for name in index.keys() {
+        if known.contains(name.as_str()) {
+            continue;
+        }
+        if !ignore(name) {
+            return Err(Error::weights(
+                path,
+                "unexpected_tensor",
+                format!("unexpected tensor `{name}`: the file does not match the expected layout of {what}"),
+            ));
+        }
+        ignored += 1;
+    }
+    Ok(ignored)
+}
+
+/// The tensors of a set of safetensors files (a sharded checkpoint is one set), addressed by
+/// their names without a prefix: `model.` in a Hugging Face checkpoint, `weights.` in a golden
+/// file, nothing in a bare one.
+pub struct TensorSet {
+    /// What messages name: the file, or the directory of a sharded set.
+    path: PathBuf,
+    st: MmapedSafetensors,
+    prefix: String,
+    index: BTreeMap<String, (DType, Vec<usize>)>,
+}
+
+impl TensorSet {
+    /// Open `files`; the prefix is the first of `prefixes` (each ending in `.`) that some
+    /// tensor name starts with, else none. Names without the prefix are left out.
+    pub fn open(path: impl Into<PathBuf>, files: &[PathBuf], prefixes: &[&str]) -> Result<Self> {
+        let path = path.into();
+        let st = open_safetensors(files)?;
+        let all = tensor_index(&st);
+        let prefix = prefixes
+            .iter()
+            .find(|p| all.keys().any(|k| k.starts_with(*p)))
+            .copied()
+            .unwrap_or_default();
+        let index: BTreeMap<_, _> = all
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
+            .collect();
+        if index.is_empty() {
+            return Err(Error::weights(
+                &path,
+                "no_tensors",
+                "the file holds no tensors",
+            ));
+        }
+        Ok(Self {
+            path,
+            st,
+            prefix: prefix.to_string(),
+            index,
+        })
+    }
+
+    /// The prefix found in the file (`""` when none).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// [`check_layout`] over this set.
+    pub fn check(
+        &self,
+        expected: &[(String, Vec<usize>)],
+        what: &str,
+        ignore: impl Fn(&str) -> bool,
+    ) -> Result<usize> {
+        check_layout(&self.path, &self.index, expected, what, ignore)
+    }
+
+    /// A VarBuilder over the names without the prefix, producing tensors in `dtype` on `device`.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let vb = VarBuilder::from_backend(Box::new(self.st), dtype, device.clone());
+        match self.prefix.as_str() {
+            "" => vb,
+            p => vb.pp(p.trim_end_matches('.')),
+        }
+    }
 }

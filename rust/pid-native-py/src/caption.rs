@@ -99,6 +99,13 @@ impl PyCaptionEncoder {
     }
 }
 
+/// `tokenize`'s result: input ids, attention mask, tokens dropped per caption.
+type Tokenized<'py> = (
+    Bound<'py, PyArray2<i32>>,
+    Bound<'py, PyArray2<i32>>,
+    Vec<usize>,
+);
+
 /// A `(B, L)` integer array (int32 or int64) as a tensor.
 #[derive(FromPyObject)]
 enum TokenArray<'py> {
@@ -228,15 +235,7 @@ impl PyCaptionEncoder {
     ///     ``(input_ids, attention_mask, dropped)``: int32 arrays ``(B, num_chi + 298)``,
     ///     right padded with id 0 (mask 0), and per caption how many tokens right
     ///     truncation dropped from its end.
-    fn tokenize<'py>(
-        &self,
-        py: Python<'py>,
-        captions: Vec<String>,
-    ) -> PyResult<(
-        Bound<'py, PyArray2<i32>>,
-        Bound<'py, PyArray2<i32>>,
-        Vec<usize>,
-    )> {
+    fn tokenize<'py>(&self, py: Python<'py>, captions: Vec<String>) -> PyResult<Tokenized<'py>> {
         let tokens = py
             .detach(|| self.encoder.tokenize(&captions))
             .map_err(PyPidError::from)?;
@@ -244,7 +243,9 @@ impl PyCaptionEncoder {
         let as_i32 = |v: &[u32]| -> PyResult<Array2<i32>> {
             let data = v
                 .iter()
-                .map(|&x| i32::try_from(x).map_err(|_| input_error("token_id", "token id exceeds int32")))
+                .map(|&x| {
+                    i32::try_from(x).map_err(|_| input_error("token_id", "token id exceeds int32"))
+                })
                 .collect::<PyResult<Vec<i32>>>()?;
             Array2::from_shape_vec(shape, data).map_err(|e| input_error("array", e.to_string()))
         };

@@ -3,10 +3,12 @@
 //! Arguments are copied into owned Rust values while attached, heavy work runs with
 //! the GIL released, and every core error maps to one class of `pid_native.errors`.
 
+mod caption;
 mod convert;
 mod decoder;
 mod errors;
 mod net;
+mod vae;
 
 use numpy::{IntoPyArray, PyArrayDyn};
 use pyo3::prelude::*;
@@ -158,5 +160,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<net::PyPidNet>()?;
     m.add_class::<decoder::PyDecoder>()?;
     m.add_class::<decoder::PyCancelToken>()?;
+    m.add_class::<caption::PyCaptionEncoder>()?;
+    m.add_class::<caption::PyCaptionCache>()?;
+    m.add_class::<vae::PyVae>()?;
     Ok(())
 }

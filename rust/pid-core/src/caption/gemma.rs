@@ -8,6 +8,10 @@
 //! Input: token ids and attention mask `(B, L)`, right padded. Output: the last hidden
 //! state `(B, L, hidden)` f32, pad positions included: PiD conditions on them (pid_spec §5.4).
 //!
+//! Sliding layers see at most `sliding_window` keys back (4096 in gemma-2-2b: inert for
+//! PiD's prompts of a few hundred tokens, kept for fidelity). The attention-logit softcap is
+//! a per-call switch, off for PiD: the reference's SDPA attention ignores it (pid_spec §5.7).
+//!
 //! candle-transformers has a gemma2 model, but it has neither a key-padding mask nor a
 //! hidden-state output, so this is written here. Weights stay in bf16 (the dtype the
 //! reference runs Gemma in) and are upcast per layer; all arithmetic is f32.
@@ -545,9 +549,10 @@ impl Gemma2Model {
         let (b, l) = input_ids.dims2()?;
         let dev = self.embed_tokens.device();
         let ids = Tensor::from_vec(ids, b * l, dev)?;
-        // HF multiplies by sqrt(hidden) cast to the activation dtype: f32 here, bf16 in the
-        // reference run. For the real model both are exactly 48 (sqrt 2304), and the golden
-        // ran in f32 (hidden 64: exactly 8).
+        // HF scales by sqrt(hidden) cast to the activation dtype: bf16 in PiD's run (48.0 for
+        // 2304), f32 in the goldens (8.0 for their 64). Both roots are exact in bf16 and f32,
+        // so computing it in f32 matches either; for a hidden size whose root is not a bf16
+        // number this follows the f32 goldens.
         let normalizer = (self.cfg.hidden_size as f32).sqrt();
         let mut x = (self
             .embed_tokens

@@ -22,6 +22,7 @@ mod rope;
 
 pub use attention::AttentionBudget;
 pub use lq_proj::LqFeatures;
+pub(crate) use layers::Linear;
 pub(crate) use rope::linspace_f32;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
