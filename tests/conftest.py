@@ -69,3 +69,11 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pid_native.testing import build_tiny_gemma_tokenizer
 
     return build_tiny_gemma_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def synth_bundle(seeded_cache: Path) -> Path:
+    """A complete synthetic mini bundle (PiD + Gemma + VAE + tokenizer, seeded random weights)."""
+    from pid_native.testing.synth import write_bundle
+
+    return write_bundle(seeded_cache / "synth-mini-bundle", preset="mini")

@@ -78,7 +78,9 @@ def _load_latent(path: Path) -> Any:
 
         tensors = load_file(str(path))
         return tensors["latents"] if "latents" in tensors else next(iter(tensors.values()))
-    raise InvalidInputError(f"unsupported latent file {path.name}: use .npy, .npz or .safetensors", "latent_format")
+    raise InvalidInputError(
+        f"unsupported latent file {path.name}: use .npy, .npz or .safetensors", "latent_format"
+    )
 
 
 def _save(images: Sequence[Any], out: Path, extra: dict[str, str]) -> list[Path]:
@@ -86,7 +88,9 @@ def _save(images: Sequence[Any], out: Path, extra: dict[str, str]) -> list[Path]
 
     if len(images) == 1:
         return [save_png(images[0], out, extra)]
-    return [save_png(img, out.with_name(f"{out.stem}_{i}{out.suffix}"), extra) for i, img in enumerate(images)]
+    return [
+        save_png(img, out.with_name(f"{out.stem}_{i}{out.suffix}"), extra) for i, img in enumerate(images)
+    ]
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -97,12 +101,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
     update, close = _progress_bar("decode")
     t0 = time.perf_counter()
     try:
-        out = dec.decode(latents, args.caption, sigma=args.sigma, seed=args.seed, steps=args.steps, progress=update)
+        out = dec.decode(
+            latents, args.caption, sigma=args.sigma, seed=args.seed, steps=args.steps, progress=update
+        )
     finally:
         close()
     paths = _save(to_pil(out), Path(args.output), {"pid-caption": args.caption, "pid-seed": str(args.seed)})
-    print(f"decoded {out.shape[0]} image(s) {out.shape[3]}x{out.shape[2]} in {time.perf_counter() - t0:.1f}s "
-          f"on {dec.backend}: {', '.join(map(str, paths))}")
+    print(
+        f"decoded {out.shape[0]} image(s) {out.shape[3]}x{out.shape[2]} in {time.perf_counter() - t0:.1f}s "
+        f"on {dec.backend}: {', '.join(map(str, paths))}"
+    )
     return 0
 
 
@@ -125,8 +133,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cache = Path(os.environ.get("PID_NATIVE_CACHE", Path(tempfile.gettempdir()) / "pid-native-demo"))
         args.weights = str(write_bundle(cache / "synthetic-mini", preset="mini"))
         print(
-            "*** SYNTHETIC DEMO: random tiny weights, NOT the PiD model. The output is noise-like by design; it\n"
-            "*** shows the pipeline runs end to end. Provision the real weights with `pid-native fetch`.",
+            "*** SYNTHETIC DEMO: random tiny weights, NOT the PiD model. The output is noise-like\n"
+            "*** by design; it shows the pipeline runs end to end. Provision the real weights with\n"
+            "*** `pid-native fetch --accept-license`.",
             file=sys.stderr,
         )
     args.image = str(DEMO_IMAGE)
@@ -150,7 +159,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     bundle = _default_bundle()
     info = {
         "build": build_info(),
-        "backends": {k: {"available": v.available, "reason": v.reason} for k, v in backends.available().items()},
+        "backends": {
+            k: {"available": v.available, "reason": v.reason} for k, v in backends.available().items()
+        },
         "memory_budget_gib": round(budget / (1 << 30), 2),
         "memory_budget_source": source,
         "default_bundle": str(bundle),
@@ -174,19 +185,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         times.append(time.perf_counter() - t0)
     px = h * w * dec.scale * dec.scale
     best = min(times)
-    print(json.dumps({"backend": dec.backend, "output": f"{w * dec.scale}x{h * dec.scale}",
-                      "seconds_best": round(best, 3), "seconds_all": [round(t, 3) for t in times],
-                      "megapixels_per_s": round(px / best / 1e6, 4)}))
+    print(
+        json.dumps(
+            {
+                "backend": dec.backend,
+                "output": f"{w * dec.scale}x{h * dec.scale}",
+                "seconds_best": round(best, 3),
+                "seconds_all": [round(t, 3) for t in times],
+                "megapixels_per_s": round(px / best / 1e6, 4),
+            }
+        )
+    )
     return 0
 
 
 def _add_weights_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help=f"bundle directory or PiD checkpoint (default: ${BUNDLE_ENV} or the provisioned bundle)")
+    p.add_argument(
+        "--weights",
+        help=f"bundle directory or PiD checkpoint (default: ${BUNDLE_ENV} or the provisioned bundle)",
+    )
     p.add_argument("--gemma", help="Gemma-2-2b-it directory (overrides the bundle's)")
     p.add_argument("--vae", help="SDXL VAE directory (overrides the bundle's)")
     p.add_argument("--space", help="latent space or model family (sdxl, kolors, flux, ...)")
     p.add_argument("--backend", default="auto", help="auto, candle-cpu, candle-cuda, mlx")
-    p.add_argument("--memory-budget", type=float, help="GiB a decode may use (default: $PID_MEMORY_BUDGET_GIB or free RAM)")
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        help="GiB a decode may use (default: $PID_MEMORY_BUDGET_GIB or free RAM)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

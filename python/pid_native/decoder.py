@@ -75,7 +75,9 @@ class DecodeParams(BaseModel):
     def _sigma_range(cls, v: list[float]) -> list[float]:
         for s in v:
             if not (0.0 <= s <= 1.0):  # also rejects NaN
-                raise ValueError(f"sigma {s} is outside [0, 1]; pass the VP noise level of the latent (0 = clean)")
+                raise ValueError(
+                    f"sigma {s} is outside [0, 1]; pass the VP noise level of the latent (0 = clean)"
+                )
         return v
 
     @field_validator("seeds")
@@ -93,7 +95,9 @@ def _per_image(value: Any, batch: int, name: str) -> list[Any]:
         return [value] * batch
     items = list(np.asarray(value).tolist()) if isinstance(value, np.ndarray) else list(value)
     if len(items) != batch:
-        raise InvalidInputError(f"{name} has {len(items)} entries but there are {batch} latents", f"{name}_count")
+        raise InvalidInputError(
+            f"{name} has {len(items)} entries but there are {batch} latents", f"{name}_count"
+        )
     return items
 
 
@@ -106,19 +110,25 @@ def as_latents(latents: Any, space: LatentSpace) -> np.ndarray:
     try:
         arr = np.asarray(latents)
     except Exception as exc:
-        raise InvalidInputError(f"latents must be a numpy array, got {type(latents).__name__}", "latent_type") from exc
+        raise InvalidInputError(
+            f"latents must be a numpy array, got {type(latents).__name__}", "latent_type"
+        ) from exc
     if arr.dtype.kind not in "f" and arr.dtype.name != "bfloat16":
         raise InvalidInputError(
-            f"latents must be floating point (float16/float32/bfloat16), got dtype {arr.dtype}", "latent_dtype"
+            f"latents must be floating point (float16/float32/bfloat16), got dtype {arr.dtype}",
+            "latent_dtype",
         )
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4:
-        raise InvalidInputError(f"latents must be [B, C, h, w] or [C, h, w], got shape {arr.shape}", "latent_rank")
+        raise InvalidInputError(
+            f"latents must be [B, C, h, w] or [C, h, w], got shape {arr.shape}", "latent_rank"
+        )
     b, c, h, w = arr.shape
     if c != space.channels:
         raise InvalidInputError(
-            f"latent has {c} channels, the {space.name} space expects {space.channels} (got shape {list(arr.shape)}); "
+            f"latent has {c} channels, the {space.name} space expects {space.channels} "
+            f"(got shape {list(arr.shape)}); "
             f"pass the VAE latent in the {space.name} frame ({space.normalisation})",
             "latent_channels",
         )
@@ -206,8 +216,10 @@ class Decoder:
         ]
         if missing:
             raise MissingFileError(
-                "cannot open the decoder, missing: " + "; ".join(missing)
-                + ". Run `pid-native fetch --accept-license` to provision the weights, or pass existing paths.",
+                "cannot open the decoder, missing: "
+                + "; ".join(missing)
+                + ". Run `pid-native fetch --accept-license` to provision the weights, "
+                "or pass existing paths.",
                 "missing_file",
             )
         resolved_space = latent_space(space or bundle_space or "sdxl")
@@ -238,7 +250,9 @@ class Decoder:
         b, h, w = (1, *shape[-2:]) if len(shape) == 3 else (shape[0], *shape[-2:])
         budget, source = resolve_budget(self.memory_budget)
         p = self._engine.plan(b, h, w, budget, tile)
-        return Plan(p["width"], p["height"], p["whole"], list(p["tiles"]), p["predicted_peak_bytes"], budget, source)
+        return Plan(
+            p["width"], p["height"], p["whole"], list(p["tiles"]), p["predicted_peak_bytes"], budget, source
+        )
 
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
         """Gemma-2 caption embeddings ``[B, 300, 2304]`` as PiD consumes them (cached per caption)."""
@@ -280,7 +294,11 @@ class Decoder:
         """
         lat = as_latents(latents, self.space)
         b = lat.shape[0]
-        seeds = [seed + i for i in range(b)] if isinstance(seed, (int, np.integer)) else _per_image(seed, b, "seed")
+        seeds = (
+            [seed + i for i in range(b)]
+            if isinstance(seed, (int, np.integer))
+            else _per_image(seed, b, "seed")
+        )
         try:
             params = DecodeParams(
                 captions=_per_image(caption, b, "caption"),
@@ -334,7 +352,9 @@ class Decoder:
         from .images import load_image, to_pil
 
         if self.space.name != "sdxl":
-            raise InvalidInputError(f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space")
+            raise InvalidInputError(
+                f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space"
+            )
         latent = self.vae_encode(load_image(image))
         return to_pil(self.decode(latent, caption, **kwargs))[0]
 

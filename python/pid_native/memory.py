@@ -38,9 +38,13 @@ def _parse_gib(value: float | str, source: str) -> int:
     try:
         gib = float(value)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"{source} must be a number of GiB, got {value!r}", "memory_budget_value") from None
+        raise InvalidInputError(
+            f"{source} must be a number of GiB, got {value!r}", "memory_budget_value"
+        ) from None
     if not gib > 0 or gib != gib or gib == float("inf"):
-        raise InvalidInputError(f"{source} must be a positive number of GiB, got {value!r}", "memory_budget_value")
+        raise InvalidInputError(
+            f"{source} must be a positive number of GiB, got {value!r}", "memory_budget_value"
+        )
     return int(gib * GIB)
 
 

@@ -3,6 +3,7 @@
 Contract (all types below are pydantic models, so hosts can validate and serialise them):
 
 1. ``plugin = entry_point.load()`` is cheap: no weights, no backend imports.
+   The contract's types are attributes of the plugin object (``plugin.LoadSpec`` ...).
 2. ``plugin.describe()`` -> :class:`PluginInfo`: name, version, the latent spaces with the host
    model families that map to them, the 4x output scale, required components and whether
    they are provisioned, machine-readable licence records and the backends that run here.
@@ -200,9 +201,15 @@ class LoadedDecoder:
                 f"request.count is {request.count} but {lat.shape[0]} latents were passed", "count"
             )
         plan = dec.plan(lat.shape)
-        events = (lambda e: progress(PluginEvent(phase=e.phase, index=e.index, count=e.count))) if progress else None
+        events = (
+            (lambda e: progress(PluginEvent(phase=e.phase, index=e.index, count=e.count)))
+            if progress
+            else None
+        )
         t0 = time.perf_counter()
-        images = dec.decode(lat, request.caption, sigma=sigma, seed=request.seed, progress=events, cancel=cancel)
+        images = dec.decode(
+            lat, request.caption, sigma=sigma, seed=request.seed, progress=events, cancel=cancel
+        )
         from .images import LICENSE_NOTE
 
         return DecodeOutput(
@@ -228,9 +235,16 @@ def _default_bundle(space: str) -> Path:
 
 
 class PidPlugin:
-    """The object the ``sceneworks.decoders`` entry point ``pid`` resolves to."""
+    """The object the ``sceneworks.decoders`` entry point ``pid`` resolves to.
+
+    The contract's types hang off it, so a host needs nothing but the loaded entry point:
+    ``plugin.LoadSpec``, ``plugin.DecodeRequest``, ``plugin.capture_plan``.
+    """
 
     name = NAME
+    LoadSpec = LoadSpec
+    DecodeRequest = DecodeRequest
+    capture_plan = staticmethod(capture_plan)
 
     def describe(self, spec: LoadSpec | None = None) -> PluginInfo:
         from . import backends
@@ -242,12 +256,24 @@ class PidPlugin:
         bundle = spec.bundle or _default_bundle(spec.space)
         found = inspect_bundle(bundle)
         components = [
-            Component(name="pid", required=True, provisioned=spec.checkpoint is not None or found.checkpoint,
-                      path=str(spec.checkpoint or bundle)),
-            Component(name="gemma-2-2b-it", required=True, provisioned=spec.gemma is not None or found.gemma,
-                      path=str(spec.gemma) if spec.gemma else None),
-            Component(name="sdxl-vae", required=False, provisioned=spec.vae is not None or found.vae,
-                      path=str(spec.vae) if spec.vae else None),
+            Component(
+                name="pid",
+                required=True,
+                provisioned=spec.checkpoint is not None or found.checkpoint,
+                path=str(spec.checkpoint or bundle),
+            ),
+            Component(
+                name="gemma-2-2b-it",
+                required=True,
+                provisioned=spec.gemma is not None or found.gemma,
+                path=str(spec.gemma) if spec.gemma else None,
+            ),
+            Component(
+                name="sdxl-vae",
+                required=False,
+                provisioned=spec.vae is not None or found.vae,
+                path=str(spec.vae) if spec.vae else None,
+            ),
         ]
         try:
             ver = version("pid-native")

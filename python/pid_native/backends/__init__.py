@@ -147,7 +147,9 @@ def get(name: str = "auto") -> Backend:
             raise BackendUnavailableError("no backend can run here: " + str(available()))
         return max(usable, key=lambda b: b.priority)
     if name not in backends:
-        raise InvalidInputError(f"unknown backend {name!r}; known: {', '.join(sorted(backends))}", "unknown_backend")
+        raise InvalidInputError(
+            f"unknown backend {name!r}; known: {', '.join(sorted(backends))}", "unknown_backend"
+        )
     b = backends[name]
     if isinstance(b, Exception):
         raise BackendUnavailableError(f"backend {name!r} failed to load: {b}")

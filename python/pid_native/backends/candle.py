@@ -50,7 +50,9 @@ class CandleEngine:
         progress: Callable[[dict[str, Any]], None] | None,
         cancel: Any,
     ) -> np.ndarray:
-        return self.decoder.decode(latents, caption_embs, sigma, seeds, steps, budget_bytes, tile, progress, cancel)
+        return self.decoder.decode(
+            latents, caption_embs, sigma, seeds, steps, budget_bytes, tile, progress, cancel
+        )
 
     def _require_vae(self) -> Any:
         if self.vae is None:

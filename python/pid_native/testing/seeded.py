@@ -81,7 +81,8 @@ def write_safetensors_streaming(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    # Per-process temporary name: concurrent writers of the same file never share one.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

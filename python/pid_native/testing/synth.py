@@ -30,10 +30,24 @@ CHECKPOINT = "pid_sdxl_2kto4k.safetensors"
 
 # Gemma-2 shapes: the real gemma-2-2b-it except for the vocabulary, and a tiny one.
 _GEMMA = {
-    "mini": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16},
-    "full": {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
-             "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256},
+    "mini": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+    },
+    "full": {
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+    },
 }
 _VAE_CHANNELS = {"mini": [32, 64, 64, 64], "full": [128, 256, 512, 512]}
 _VAE_LAYERS = {"mini": 1, "full": 2}
@@ -73,8 +87,12 @@ def gemma_layout(cfg: dict[str, Any]) -> list[tuple[str, list[int]]]:
     out: list[tuple[str, list[int]]] = [("embed_tokens.weight", [cfg["vocab_size"], h])]
     for i in range(cfg["num_hidden_layers"]):
         p = f"layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             out.append((f"{p}.{norm}.weight", [h]))
         out += [
             (f"{p}.self_attn.q_proj.weight", [q, h]),
@@ -133,7 +151,9 @@ def vae_layout(cfg: dict[str, Any]) -> list[tuple[str, list[int]]]:
         resnet(f"{name}.resnets.0", c, c)
         norm(f"{name}.attentions.0.group_norm", c)
         for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            out.extend([(f"{name}.attentions.0.{proj}.weight", [c, c]), (f"{name}.attentions.0.{proj}.bias", [c])])
+            out.extend(
+                [(f"{name}.attentions.0.{proj}.weight", [c, c]), (f"{name}.attentions.0.{proj}.bias", [c])]
+            )
         resnet(f"{name}.resnets.1", c, c)
 
     conv("encoder.conv_in", cfg["in_channels"], ch[0])
@@ -179,7 +199,9 @@ def write_bundle(path: str | os.PathLike[str], preset: str = "mini") -> Path:
     if existing == preset:
         return path
     if path.exists() and existing is None and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not a synthetic bundle; choose an empty or new directory")
+        raise FileExistsError(
+            f"{path} exists and is not a synthetic bundle; choose an empty or new directory"
+        )
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "gemma").mkdir(parents=True)

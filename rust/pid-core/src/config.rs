@@ -248,13 +248,17 @@ impl NetConfig {
                 self.lq_in_channels
             ));
         }
-        if self.num_groups == 0 || self.hidden_size % self.num_groups != 0 {
+        if self.num_groups == 0 || !self.hidden_size.is_multiple_of(self.num_groups) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_groups {}",
                 self.hidden_size, self.num_groups
             ));
         }
-        if self.pixel_num_groups == 0 || self.pixel_attn_hidden_size % self.pixel_num_groups != 0 {
+        if self.pixel_num_groups == 0
+            || !self
+                .pixel_attn_hidden_size
+                .is_multiple_of(self.pixel_num_groups)
+        {
             return bad(format!(
                 "pixel_attn_hidden_size {} is not divisible by pixel_num_groups {}",
                 self.pixel_attn_hidden_size, self.pixel_num_groups
@@ -274,21 +278,21 @@ impl NetConfig {
             return bad("lq_interval, patch_depth and patch_size must be positive".into());
         }
         let f = self.lq_latent_unpatchify_factor;
-        if f == 0 || self.lq_latent_channels % (f * f) != 0 {
+        if f == 0 || !self.lq_latent_channels.is_multiple_of(f * f) {
             return bad(format!(
                 "lq_latent_channels {} is not divisible by lq_latent_unpatchify_factor^2 = {}",
                 self.lq_latent_channels,
                 f * f
             ));
         }
-        if self.latent_spatial_down_factor % f != 0 {
+        if !self.latent_spatial_down_factor.is_multiple_of(f) {
             return bad(format!(
                 "latent_spatial_down_factor {} is not divisible by lq_latent_unpatchify_factor {f}",
                 self.latent_spatial_down_factor
             ));
         }
         let ratio = self.sr_scale * self.latent_spatial_down_factor / f;
-        if ratio < self.patch_size || ratio % self.patch_size != 0 {
+        if ratio < self.patch_size || !ratio.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "latent-to-patch ratio {ratio}/{} is not an integer >= 1; only upsampling adapters are supported",
                 self.patch_size

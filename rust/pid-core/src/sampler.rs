@@ -83,6 +83,14 @@ pub fn run(
     Ok(x.clamp(-1f32, 1f32)?)
 }
 
+/// Whole-image velocity with the network, for [`run`].
+pub fn net_velocity<'a>(
+    net: &'a PidNet,
+    cond: &'a Conditioning,
+) -> impl FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'a {
+    move |x, t| Ok(net.velocity(cond, x, t, &mut Trace::disabled())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,12 +103,4 @@ mod tests {
         assert_eq!(t_ladder(1).unwrap(), vec![1.0, 0.0]);
         assert_eq!(t_ladder(5).unwrap_err().code(), "steps");
     }
-}
-
-/// Whole-image velocity with the network, for [`run`].
-pub fn net_velocity<'a>(
-    net: &'a PidNet,
-    cond: &'a Conditioning,
-) -> impl FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'a {
-    move |x, t| Ok(net.velocity(cond, x, t, &mut Trace::disabled())?)
 }

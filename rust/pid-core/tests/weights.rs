@@ -37,8 +37,14 @@ fn code(r: Result<NetConfig, Error>) -> String {
 
 #[test]
 fn the_mini_preset_is_the_mini_golden_topology() {
-    let meta = pid_core::weights::read_metadata(common::goldens_dir().join("pidnet_sdxl_mini.safetensors")).unwrap();
-    assert_eq!(NetConfig::from_json(&meta["config"]).unwrap(), NetConfig::sdxl_mini());
+    let meta = pid_core::weights::read_metadata(
+        common::goldens_dir().join("pidnet_sdxl_mini.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        NetConfig::from_json(&meta["config"]).unwrap(),
+        NetConfig::sdxl_mini()
+    );
 }
 
 #[test]

@@ -62,7 +62,10 @@ fn inspect_checkpoint(
     latent_channels: Option<usize>,
     latent_down_factor: usize,
 ) -> Result<String, PyPidError> {
-    let hint = latent_channels.map(|channels| LatentHint { channels, spatial_down_factor: latent_down_factor });
+    let hint = latent_channels.map(|channels| LatentHint {
+        channels,
+        spatial_down_factor: latent_down_factor,
+    });
     let (_, cfg) = py.detach(|| Checkpoint::open_validated(&path, config.as_deref(), hint))?;
     Ok(cfg.to_json())
 }
@@ -97,8 +100,12 @@ fn plan_decode<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let cfg = NetConfig::from_json(config).map_err(PyPidError::from)?;
     let (oh, ow) = pid_core::decoder::output_size(&cfg, h, w);
-    let dt = pid_core::plan::DTypes { activation: 4, weight: weight_bytes };
-    let p = pid_core::plan::plan(&cfg, batch, oh, ow, dt, budget_bytes, tile).map_err(PyPidError::from)?;
+    let dt = pid_core::plan::DTypes {
+        activation: 4,
+        weight: weight_bytes,
+    };
+    let p = pid_core::plan::plan(&cfg, batch, oh, ow, dt, budget_bytes, tile)
+        .map_err(PyPidError::from)?;
     decoder::plan_dict(py, &p)
 }
 

@@ -24,6 +24,12 @@ pub fn parse_dtype(name: &str) -> PyResult<DType> {
     }
 }
 
+/// `(image, [x0 of every step])` from [`PyPidNet::sample`].
+type Sampled<'py> = (
+    Bound<'py, PyArrayDyn<f32>>,
+    Vec<Bound<'py, PyArrayDyn<f32>>>,
+);
+
 /// The PiD network with its weights loaded.
 #[pyclass(name = "PidNet", module = "pid_native._native", frozen)]
 pub struct PyPidNet {
@@ -57,7 +63,11 @@ impl PyPidNet {
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
             let (ckpt, cfg) = Checkpoint::open_validated(&path, config.as_deref(), hint)?;
-            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &Device::Cpu), DType::F32)?)
+            Ok(PidNet::new(
+                &cfg,
+                ckpt.var_builder(wdt, &Device::Cpu),
+                DType::F32,
+            )?)
         })?;
         Ok(Self { net })
     }
@@ -128,10 +138,7 @@ impl PyPidNet {
         lq_latent: PyReadonlyArrayDyn<'py, f32>,
         sigma: PyReadonlyArrayDyn<'py, f32>,
         t_list: Vec<f32>,
-    ) -> PyResult<(
-        Bound<'py, PyArrayDyn<f32>>,
-        Vec<Bound<'py, PyArrayDyn<f32>>>,
-    )> {
+    ) -> PyResult<Sampled<'py>> {
         let noise = to_tensor("noise", &noise)?;
         let eps: Vec<Tensor> = eps
             .iter()
@@ -151,8 +158,7 @@ impl PyPidNet {
                     t_list.len().saturating_sub(2),
                     eps.len()
                 ),
-            )
-            .into());
+            ));
         }
         struct Keep(Vec<Tensor>);
         impl StepObserver for Keep {

@@ -194,7 +194,7 @@ impl LqProj {
 
     /// Gate index applied before patch block `i`, if any (every `interval`-th block).
     pub fn gate_for_block(&self, i: usize) -> Option<usize> {
-        (i % self.interval == 0)
+        i.is_multiple_of(self.interval)
             .then_some(i / self.interval)
             .filter(|j| *j < self.gate_modules.len())
     }

@@ -21,8 +21,8 @@ mod pixel_block;
 mod rope;
 
 pub use attention::AttentionBudget;
-pub use lq_proj::LqFeatures;
 pub(crate) use layers::Linear;
+pub use lq_proj::LqFeatures;
 pub(crate) use rope::linspace_f32;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -45,6 +45,13 @@ impl From<(Tensor, Tensor)> for Rope {
     fn from((cos, sin): (Tensor, Tensor)) -> Self {
         Self { cos, sin }
     }
+}
+
+/// The rotary tables of the joint attention: 2-D for image tokens, 1-D (optional) for text.
+#[derive(Debug, Clone)]
+pub struct JointRope {
+    pub image: Rope,
+    pub text: Option<Rope>,
 }
 
 /// Named intermediate tensors, recorded only when a caller asks (parity bisection).
@@ -80,9 +87,8 @@ pub struct Conditioning {
     lq: LqFeatures,
     /// Per-sample noise level of the latent, `(B,)` f32.
     sigma: Tensor,
-    rope_patch: Rope,
+    rope_patch: JointRope,
     rope_pixel: Rope,
-    rope_text: Option<Rope>,
     /// Absolute pixel positions, `(H, W, pixel_dim)`.
     pixel_pos: Tensor,
     size: (usize, usize),
@@ -189,7 +195,7 @@ impl PidNet {
 
     fn grid(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let p = self.cfg.patch_size;
-        if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             candle_core::bail!(
                 "output size {h}x{w} must be a positive multiple of the patch size {p}"
             )
@@ -231,8 +237,15 @@ impl PidNet {
             y,
             lq,
             sigma: sigma.to_dtype(DType::F32)?,
-            rope_patch: rope::image_rope(cfg.head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?
-                .into(),
+            rope_patch: JointRope {
+                image: rope::image_rope(cfg.head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?
+                    .into(),
+                text: if cfg.use_text_rope {
+                    Some(rope::text_rope(cfg.head_dim(), nt, cfg.text_rope_theta, dev)?.into())
+                } else {
+                    None
+                },
+            },
             rope_pixel: rope::image_rope(
                 cfg.pixel_head_dim(),
                 hs,
@@ -242,11 +255,6 @@ impl PidNet {
                 dev,
             )?
             .into(),
-            rope_text: if cfg.use_text_rope {
-                Some(rope::text_rope(cfg.head_dim(), nt, cfg.text_rope_theta, dev)?.into())
-            } else {
-                None
-            },
             pixel_pos: self.pixel_embedder.position_table(h, w, dev)?,
             size,
         })
@@ -283,15 +291,8 @@ impl PidNet {
                 s = self.lq_proj.gate(j, &s, &cond.lq.heads[j], &cond.sigma)?;
                 trace.record(|| format!("gate_{j}"), &s);
             }
-            let (s_next, y_next) = block.forward(
-                &s,
-                &y,
-                &c,
-                &cond.rope_patch,
-                cond.rope_text.as_ref(),
-                i != last,
-                self.budget,
-            )?;
+            let (s_next, y_next) =
+                block.forward(&s, &y, &c, &cond.rope_patch, i != last, self.budget)?;
             s = s_next;
             trace.record(|| format!("patch_block_{i}.0"), &s);
             if let Some(y_next) = y_next {

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::{apply_rope, merge_heads, sdpa, split_heads, AttentionBudget};
 use super::layers::{chunk_last, gated_add, map_row_chunks, modulate, Linear, RmsNorm};
-use super::Rope;
+use super::{JointRope, Rope};
 
 /// Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
 const TOKEN_ROWS: usize = 8192;
@@ -138,8 +138,7 @@ impl PatchBlock {
         x: &Tensor,
         y: &Tensor,
         c: &Tensor,
-        rope_img: &Rope,
-        rope_txt: Option<&Rope>,
+        rope: &JointRope,
         text_out: bool,
         budget: AttentionBudget,
     ) -> Result<(Tensor, Option<Tensor>)> {
@@ -149,8 +148,8 @@ impl PatchBlock {
 
         let xn = modulate(&self.norm_x1.forward(x)?, &mx[0], &mx[1])?;
         let yn = modulate(&self.norm_y1.forward(y)?, &my[0], &my[1])?;
-        let (qx, kx, vx) = self.attn_x.forward(&xn, self.heads, Some(rope_img))?;
-        let (qy, ky, vy) = self.attn_y.forward(&yn, self.heads, rope_txt)?;
+        let (qx, kx, vx) = self.attn_x.forward(&xn, self.heads, Some(&rope.image))?;
+        let (qy, ky, vy) = self.attn_y.forward(&yn, self.heads, rope.text.as_ref())?;
         let nt = y.dim(1)?;
         let k = Tensor::cat(&[&ky, &kx], 2)?;
         let v = Tensor::cat(&[&vy, &vx], 2)?;
