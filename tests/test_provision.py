@@ -562,6 +562,13 @@ def test_cli_fetch_and_verify(hub: FakeHub, env: dict[str, str], tmp_path: Path)
     assert run.returncode == 0 and json.loads(run.stdout)["ok"] is True
     assert cli(env, "verify", str(tmp_path / "nothing")).returncode == 1
 
+    # The fetched bundle is what the decoder opens: decode a latent with its Gemma and network.
+    from pid_native import Decoder
+
+    dec = Decoder.open(target, backend="candle-cpu")
+    out = dec.decode(np.zeros((1, 4, 2, 2), np.float32), "a fetched caption", seed=1)
+    assert out.shape == (1, 3, 64, 64) and np.isfinite(out).all()
+
 
 # ---------------------------------------------------------------- offline pieces, in process
 
