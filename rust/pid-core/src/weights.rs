@@ -117,37 +117,14 @@ pub fn tensor_index(st: &MmapedSafetensors) -> BTreeMap<String, (DType, Vec<usiz
 /// A PiD student checkpoint: a converted `pid_*.safetensors` (bare keys) or the raw
 /// upstream layout (`net.*` keys, with EMA/teacher/discriminator tensors ignored).
 pub struct Checkpoint {
-    path: PathBuf,
-    st: MmapedSafetensors,
-    prefix: &'static str,
-    /// Tensors the network may read, keyed by their bare name.
-    index: BTreeMap<String, (DType, Vec<usize>)>,
+    tensors: TensorSet,
 }
 
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let st = open_safetensors(std::slice::from_ref(&path))?;
-        let all = tensor_index(&st);
-        let raw_layout = all.keys().any(|k| k.starts_with("net."));
-        let prefix = if raw_layout { "net." } else { "" };
-        let index: BTreeMap<_, _> = all
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
-            .collect();
-        if index.is_empty() {
-            return Err(Error::weights(
-                &path,
-                "not_pid",
-                "the file holds no tensors",
-            ));
-        }
-        Ok(Self {
-            path,
-            st,
-            prefix,
-            index,
-        })
+        let tensors = TensorSet::open(&path, std::slice::from_ref(&path), &["net."])?;
+        Ok(Self { tensors })
     }
 
     /// Open, take the config (given JSON, else detected from the tensors) and validate.
@@ -166,11 +143,12 @@ impl Checkpoint {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.tensors.path
     }
 
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.index
+        self.tensors
+            .index
             .iter()
             .map(|(k, (_, s))| (k.clone(), s.clone()))
             .collect()
@@ -183,17 +161,15 @@ impl Checkpoint {
 
     /// Check presence, shape and dtype of every tensor `cfg` needs, and that nothing unknown is there.
     pub fn validate(&self, cfg: &NetConfig) -> Result<()> {
-        let ignored = check_layout(
-            &self.path,
-            &self.index,
-            &cfg.expected_tensors(),
-            "a PiD student",
-            |name| IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)),
-        )?;
+        let ignored = self
+            .tensors
+            .check(&cfg.expected_tensors(), "a PiD student", |name| {
+                IGNORED_PREFIXES.iter().any(|p| name.starts_with(p))
+            })?;
         if ignored > 0 {
             log::debug!(
                 "{}: ignoring {ignored} training-only tensors (lq_aux_rgb_head)",
-                self.path.display()
+                self.path().display()
             );
         }
         Ok(())
@@ -201,16 +177,12 @@ impl Checkpoint {
 
     /// A VarBuilder over the bare tensor names, producing tensors in `dtype` on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let vb = VarBuilder::from_backend(Box::new(self.st), dtype, device.clone());
-        match self.prefix {
-            "" => vb,
-            p => vb.pp(p.trim_end_matches('.')),
-        }
+        self.tensors.var_builder(dtype, device)
     }
 
     fn wrap(&self, e: Error) -> Error {
         match e {
-            Error::InvalidInput { code, message } => Error::weights(&self.path, code, message),
+            Error::InvalidInput { code, message } => Error::weights(self.path(), code, message),
             other => other,
         }
     }
