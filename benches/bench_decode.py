@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import PRESET, peak_rss_gib, reset_peak_rss, runnable_backends
 
+from conftest import PRESET, peak_rss_gib, reset_peak_rss, runnable_backends
 from pid_native import Decoder
 
 # Latent sizes (output = 32x): 8 -> 256², 16 -> 512², 32 -> 1024² (full preset on CPU: minutes).
@@ -40,7 +40,9 @@ def test_decode(benchmark, bundle, backend: str, size: int) -> None:
     lat = np.random.default_rng(0).standard_normal((1, 4, size, size)).astype(np.float32) * 0.5
     embs = dec.encode_captions(["a red fox in the snow"])
     reset_peak_rss()
-    out = benchmark.pedantic(dec.decode, args=(lat,), kwargs={"caption_embs": embs}, rounds=2, warmup_rounds=1)
+    out = benchmark.pedantic(
+        dec.decode, args=(lat,), kwargs={"caption_embs": embs}, rounds=2, warmup_rounds=1
+    )
     assert out.shape == (1, 3, size * 32, size * 32)
     info(benchmark, backend, out.shape[2] * out.shape[3])
 

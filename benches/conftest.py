@@ -18,7 +18,9 @@ from pid_native import backends
 from pid_native.testing.synth import write_bundle
 
 PRESET = os.environ.get("PID_BENCH_PRESET", "mini")
-CACHE = Path(os.environ.get("PID_SEEDED_CACHE", Path(__file__).resolve().parent.parent / "target" / "pid-seeded"))
+CACHE = Path(
+    os.environ.get("PID_SEEDED_CACHE", Path(__file__).resolve().parent.parent / "target" / "pid-seeded")
+)
 
 
 def reset_peak_rss() -> None:
