@@ -1,10 +1,8 @@
 //! Golden parity of the network and sampler against the upstream PyTorch reference,
 //! over every `kind = pidnet` file in `PID_GOLDENS` (tolerances: tests/goldens/README.md).
 
-mod common;
-
+use crate::common::{golden_files, max_abs_diff, seeded_checkpoint, Golden};
 use candle_core::{DType, Device, Tensor};
-use common::{golden_files, max_abs_diff, seeded_checkpoint, Golden};
 use pid_core::net::{PidNet, Trace};
 use pid_core::sampler::{self, StepObserver};
 use pid_core::weights::{read_metadata, Checkpoint};

@@ -1,8 +1,6 @@
 //! Shared helpers for the golden parity tests: where the goldens are, and the
 //! seeded-v1 weights they reference (generated once by the NumPy recipe and cached).
 
-#![allow(dead_code)] // each test binary uses a different subset
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

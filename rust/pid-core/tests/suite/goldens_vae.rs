@@ -1,10 +1,8 @@
 //! Golden parity of the SDXL VAE against diffusers' `AutoencoderKL`, over every
 //! `kind = sdxl_vae` file in `PID_GOLDENS` (tolerance: tests/goldens/README.md).
 
-mod common;
-
+use crate::common::{golden_files, max_abs_diff, Golden};
 use candle_core::Device;
-use common::{golden_files, max_abs_diff, Golden};
 use pid_core::vae::Vae;
 
 const VAE_TOL: f32 = 1e-4;

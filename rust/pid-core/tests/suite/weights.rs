@@ -1,12 +1,10 @@
 //! Bad checkpoints are refused up front with an error naming the file and the problem.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::mini::{mini_checkpoint, mini_config};
 use candle_core::{DType, Device, Tensor};
-use common::mini::{mini_checkpoint, mini_config};
 use pid_core::config::LatentHint;
 use pid_core::weights::Checkpoint;
 use pid_core::{Error, NetConfig};
@@ -38,7 +36,7 @@ fn code(r: Result<NetConfig, Error>) -> String {
 #[test]
 fn the_mini_preset_is_the_mini_golden_topology() {
     let meta = pid_core::weights::read_metadata(
-        common::goldens_dir().join("pidnet_sdxl_mini.safetensors"),
+        crate::common::goldens_dir().join("pidnet_sdxl_mini.safetensors"),
     )
     .unwrap();
     assert_eq!(
@@ -157,7 +155,7 @@ fn inconsistent_v15_signals_and_wrong_latent_space() {
 
 #[test]
 fn output_size_must_be_a_multiple_of_the_patch() {
-    let net = common::mini::mini_net();
+    let net = crate::common::mini::mini_net();
     let dev = Device::Cpu;
     let cfg = mini_config();
     let y = Tensor::zeros((1, 300, cfg.txt_embed_dim), DType::F32, &dev).unwrap();

@@ -1,14 +1,12 @@
 //! Golden parity of the caption encoder's Gemma-2 against Hugging Face transformers, over
 //! every `kind = gemma2` file in `PID_GOLDENS` (tolerances: tests/goldens/README.md).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::common::{golden_files, max_abs_diff, Golden};
 use candle_core::Device;
-use common::{golden_files, max_abs_diff, Golden};
 use pid_core::caption::{select_tokens, CaptionCache, CaptionEncoder, GemmaWeights, TEXT_TOKENS};
 
 const HIDDEN_TOL: f32 = 1e-4;
@@ -49,14 +47,14 @@ fn golden_gemma_hidden_states_and_selection() {
 
 /// The tiny Gemma-style tokenizer of `pid_native.testing.tokenizer`, written by its script.
 fn tiny_tokenizer(tag: &str) -> PathBuf {
-    let dir = common::workspace_root().join("target/pid-seeded");
+    let dir = crate::common::workspace_root().join("target/pid-seeded");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!(
         "tiny-gemma-tokenizer-{tag}-{}.json",
         std::process::id()
     ));
     let python = std::env::var("PID_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = common::workspace_root().join("python/pid_native/testing/tokenizer.py");
+    let script = crate::common::workspace_root().join("python/pid_native/testing/tokenizer.py");
     let status = Command::new(&python)
         .arg(&script)
         .arg(&out)

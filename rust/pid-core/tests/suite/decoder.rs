@@ -1,11 +1,9 @@
 //! The decode pipeline on the mini network: shapes, determinism, batching, tiling,
 //! progress, cancellation and input validation.
 
-mod common;
-
+use crate::common::max_abs_diff;
+use crate::common::mini::mini_net;
 use candle_core::{Device, Tensor};
-use common::max_abs_diff;
-use common::mini::mini_net;
 use pid_core::decoder::{decode, Event, Progress, Request};
 use pid_core::plan::{plan, DTypes, Plan, Tile};
 use pid_core::{Error, PidNet};

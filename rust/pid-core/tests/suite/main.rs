@@ -1,0 +1,9 @@
+//! pid-core's integration tests, one binary (linking candle once per test build matters on
+//! a 2-core CI machine). One module per concern.
+
+mod common;
+mod decoder;
+mod goldens_gemma;
+mod goldens_pidnet;
+mod goldens_vae;
+mod weights;
