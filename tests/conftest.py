@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+# Before any test module imports mlx.core: lets MLX bind MKL's BLAS on Linux (see the module).
+import pid_native.backends.mlx  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 GOLDENS = Path(os.environ.get("PID_GOLDENS", REPO / "tests" / "goldens"))
 SEEDED_CACHE = Path(os.environ.get("PID_SEEDED_CACHE", REPO / "target" / "pid-seeded"))

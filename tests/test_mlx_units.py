@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -52,6 +53,23 @@ def test_attention_padding_and_chunking_are_exact(head_dim: int) -> None:
         out = np.array(attention(mx.array(q), mx.array(k), mx.array(v), budget))
         assert out.shape == q.shape
         assert np.abs(out - ref).max() < 2e-6, name
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="MKL is bound only on Linux x86_64 (macOS uses Accelerate)",
+)
+def test_mlx_matmul_runs_on_mkl_on_linux() -> None:
+    """The mlx extra installs MKL on Linux x86_64 and the backend binds it before mlx.core loads."""
+    maps = Path("/proc/self/maps").read_text()
+    assert "libmkl_rt.so" in maps, "MKL is not loaded: pip install 'pid-native[mlx]' installs it"
+    a = mx.random.normal((256, 512), key=mx.random.key(0))
+    b = mx.random.normal((512, 256), key=mx.random.key(1))
+    ref = np.array(a).astype(np.float64) @ np.array(b).astype(np.float64)
+    assert np.abs(np.array(a @ b) - ref).max() < 1e-3
+    # MKL's kernels load on the first call; the netlib BLAS has no such library.
+    maps = Path("/proc/self/maps").read_text()
+    assert any(f"libmkl_{k}" in maps for k in ("avx2", "avx512", "avx10", "def"))
 
 
 def test_sdxl_layout_has_456_tensors_and_1_36b_parameters() -> None:
