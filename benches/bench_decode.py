@@ -1,14 +1,15 @@
-"""Decode throughput: full 4-step decodes, caption encoding and VAE encoding per backend."""
+"""Throughput per backend: one network forward, full 4-step decodes, caption encoding, VAE encoding."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 
 from conftest import PRESET, peak_rss_gib, reset_peak_rss, runnable_backends
-from pid_native import Decoder
+from pid_native import Decoder, _native
 
 # Latent sizes (output = 32x): 8 -> 256², 16 -> 512², 32 -> 1024² (full preset on CPU: minutes).
 SIZES = [int(s) for s in os.environ.get("PID_BENCH_SIZES", "8,16").split(",")]
@@ -31,6 +32,44 @@ def info(benchmark, backend: str, pixels: int) -> None:
         pixels_per_s=round(pixels / benchmark.stats.stats.median, 1),
         peak_rss_gib=peak_rss_gib(),
     )
+
+
+def forward_fn(bundle, backend: str, x: np.ndarray, y: np.ndarray, z: np.ndarray):
+    """One velocity forward at t = 999 on ``backend``, as a zero-argument callable."""
+    ckpt = bundle / "pid_sdxl_2kto4k.safetensors"
+    t, sigma = np.full(1, 999.0, np.float32), np.zeros(1, np.float32)
+    if backend == "candle-cpu":
+        net = _native.PidNet.open(ckpt)
+        return lambda: net.forward(x, t, y, z, sigma)
+    if backend == "mlx":
+        import mlx.core as mx
+
+        from pid_native.backends.mlx.weights import load_pidnet
+
+        mnet = load_pidnet(ckpt)
+        cond = mnet.condition(mx.array(y), mx.array(z), mx.array(sigma), x.shape[2:])
+        return lambda: np.array(mnet.velocity(cond, mx.array(x), mx.array(t)))
+    pytest.skip(f"no network-level entry point for {backend} (its decode benchmark covers it)")
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("size", SIZES)
+def test_forward(benchmark, bundle, backend: str, size: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, size * 32, size * 32)).astype(np.float32)
+    y = rng.standard_normal(
+        (
+            1,
+            300,
+            json.loads(_native.inspect_checkpoint(bundle / "pid_sdxl_2kto4k.safetensors"))["txt_embed_dim"],
+        )
+    ).astype(np.float32)
+    z = rng.standard_normal((1, 4, size, size)).astype(np.float32)
+    run = forward_fn(bundle, backend, x, y, z)
+    reset_peak_rss()
+    v = benchmark.pedantic(run, rounds=2, warmup_rounds=1)
+    assert v.shape == x.shape and np.isfinite(v).all()
+    info(benchmark, backend, x.shape[2] * x.shape[3])
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
