@@ -115,7 +115,7 @@ def run_reference(
 def child(args: argparse.Namespace) -> None:
     inputs = dict(np.load(args.inputs))
     t_list = json.loads(args.t_list)
-    if args.side == "ours":
+    if args.child == "ours":
         out, seconds = run_ours(args.checkpoint, inputs, t_list)
     else:
         out, seconds = run_reference(args.reference, args.checkpoint, inputs, t_list)

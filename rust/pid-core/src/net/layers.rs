@@ -3,8 +3,37 @@
 //! Parameters stay in the checkpoint's storage dtype (bf16 on CPU halves resident
 //! memory) and are cast to the activation dtype at use: candle's CPU matmul has no bf16.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// `param` in the dtype of the activations `x`. A forward casts every bf16 weight once and
+/// candle's cast is single-threaded, so bf16 -> f32 on the CPU runs on all threads instead.
+pub fn cast_param(param: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if param.dtype() == DType::BF16 && x.dtype() == DType::F32 && param.device().is_cpu() {
+        param.contiguous()?.apply_op1_no_bwd(&ParallelBf16ToF32)
+    } else {
+        param.to_dtype(x.dtype())
+    }
+}
+
+struct ParallelBf16ToF32;
+
+impl CustomOp1 for ParallelBf16ToF32 {
+    fn name(&self) -> &'static str {
+        "pid-bf16-to-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::BF16(data), Some((start, end))) => {
+                let out = data[start..end].par_iter().map(|v| v.to_f32()).collect();
+                Ok((CpuStorage::F32(out), layout.shape().clone()))
+            }
+            _ => bail!("bf16 -> f32 expects a contiguous bf16 tensor"),
+        }
+    }
+}
 
 /// `nn.Linear`: y = x W^T + b over the last axis, for inputs of any rank.
 #[derive(Debug, Clone)]
@@ -46,7 +75,7 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let w = self.weight.to_dtype(x.dtype())?;
+        let w = cast_param(&self.weight, x)?;
         let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,

@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::Linear;
+use super::layers::{cast_param, Linear};
 use crate::config::{NetConfig, PaddingMode};
 
 /// 3x3 convolution, stride 1, padding 1 with zero or replicate padding.
@@ -31,7 +31,7 @@ impl Conv3x3 {
 
 impl Module for Conv3x3 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?;
+        let w = cast_param(&self.weight, x)?;
         let y = match self.padding {
             PaddingMode::Zeros => x.conv2d(&w, 1, 1, 1, 1)?,
             PaddingMode::Replicate => x
