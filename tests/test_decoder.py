@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import _thread
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -163,3 +167,45 @@ def test_missing_checkpoint_names_the_path_and_the_fix(tmp_path) -> None:
     with pytest.raises(pid_native.MissingFileError) as info:
         Decoder.open(tmp_path / "nope.safetensors")
     assert "nope.safetensors" in str(info.value) and "pid-native fetch" in str(info.value)
+
+
+_MEASURE_TILED = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from pid_native import Decoder
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+ckpt, budget_gib = sys.argv[1], float(sys.argv[2])
+start = status("VmRSS")
+dec = Decoder.open(ckpt, backend="candle-cpu", memory_budget=budget_gib)
+lat = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
+plan = dec.plan(lat.shape)
+Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark here
+out = dec.decode(lat, caption_embs=np.ones((1, 300, 64), np.float32), steps=1)
+used = status("VmHWM") - start
+print(json.dumps({"whole": plan.whole, "tiles": len(plan.tiles), "predicted": plan.predicted_peak_bytes,
+                  "budget": plan.budget_bytes, "used": used, "finite": bool(np.isfinite(out).all())}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures VmHWM (Linux)")
+def test_tiled_decode_stays_within_a_small_budget(mini_checkpoint) -> None:
+    """A 1024² decode priced at 0.54 GiB whole, given 0.5 GiB: it tiles, and the memory the
+    decoder adds to the process (weights + work, measured as VmHWM) stays under the budget."""
+    budget = 0.5
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_TILED, str(mini_checkpoint), str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not r["whole"] and r["tiles"] > 1 and r["finite"], r
+    assert r["budget"] == int(budget * 2**30) and r["predicted"] <= r["budget"], r
+    assert 0 < r["used"] <= r["budget"], f"measured {r['used'] / 2**20:.0f} MiB > budget: {r}"
