@@ -34,9 +34,8 @@ def info(benchmark, backend: str, pixels: int) -> None:
     )
 
 
-def forward_fn(bundle, backend: str, x: np.ndarray, y: np.ndarray, z: np.ndarray):
+def forward_fn(ckpt, backend: str, x: np.ndarray, y: np.ndarray, z: np.ndarray):
     """One velocity forward at t = 999 on ``backend``, as a zero-argument callable."""
-    ckpt = bundle / "pid_sdxl_2kto4k.safetensors"
     t, sigma = np.full(1, 999.0, np.float32), np.zeros(1, np.float32)
     if backend == "candle-cpu":
         net = _native.PidNet.open(ckpt)
@@ -55,17 +54,13 @@ def forward_fn(bundle, backend: str, x: np.ndarray, y: np.ndarray, z: np.ndarray
 @pytest.mark.parametrize("backend", runnable_backends())
 @pytest.mark.parametrize("size", SIZES)
 def test_forward(benchmark, bundle, backend: str, size: int) -> None:
+    ckpt = bundle / "pid_sdxl_2kto4k.safetensors"
+    txt_dim = json.loads(_native.inspect_checkpoint(ckpt))["txt_embed_dim"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, size * 32, size * 32)).astype(np.float32)
-    y = rng.standard_normal(
-        (
-            1,
-            300,
-            json.loads(_native.inspect_checkpoint(bundle / "pid_sdxl_2kto4k.safetensors"))["txt_embed_dim"],
-        )
-    ).astype(np.float32)
+    y = rng.standard_normal((1, 300, txt_dim)).astype(np.float32)
     z = rng.standard_normal((1, 4, size, size)).astype(np.float32)
-    run = forward_fn(bundle, backend, x, y, z)
+    run = forward_fn(ckpt, backend, x, y, z)
     reset_peak_rss()
     v = benchmark.pedantic(run, rounds=2, warmup_rounds=1)
     assert v.shape == x.shape and np.isfinite(v).all()

@@ -28,15 +28,20 @@ impl AttentionBudget {
         // Scores and their softmax live at the same time.
         (self.0 / (2 * bh * lk * elem_bytes).max(1)).max(1)
     }
+
+    /// Query rows per task of the fused CPU kernel: each of `threads` tasks holds one
+    /// `(rows, lk)` f32 score block, softmaxed in place; at most 64 so tasks stay many.
+    fn fused_rows(&self, threads: usize, lk: usize) -> usize {
+        (self.0 / (threads * lk * 4).max(1)).clamp(1, 64)
+    }
 }
 
 /// softmax(q k^T / sqrt(d)) v for `q (B, H, Lq, d)`, `k, v (B, H, Lk, d)`; returns `(B, H, Lq, d)`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, budget: AttentionBudget) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let rows = (budget.0 / (rayon::current_num_threads() * k.dim(2)? * 4).max(1)).clamp(1, 64);
         let op = FusedCpuAttention {
             scale: 1.0 / (q.dim(3)? as f32).sqrt(),
-            rows,
+            rows: budget.fused_rows(rayon::current_num_threads(), k.dim(2)?),
         };
         return q
             .contiguous()?

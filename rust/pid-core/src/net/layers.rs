@@ -78,7 +78,7 @@ impl Module for Linear {
         let w = cast_param(&self.weight, x)?;
         let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            Some(b) => y.broadcast_add(&cast_param(b, x)?)?,
             None => y,
         };
         let mut out = dims;
@@ -105,11 +105,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight.to_dtype(x.dtype())?,
-            Self::EPS,
-        )
+        candle_nn::ops::rms_norm(&x.contiguous()?, &cast_param(&self.weight, x)?, Self::EPS)
     }
 }
 

@@ -39,7 +39,7 @@ impl Module for Conv3x3 {
                 .pad_with_same(3, 1, 1)?
                 .conv2d(&w, 0, 1, 1, 1)?,
         };
-        y.broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
+        y.broadcast_add(&cast_param(&self.bias, x)?.reshape((1, (), 1, 1))?)
     }
 }
 

@@ -1,8 +1,8 @@
 //! The decode pipeline on the mini network: shapes, determinism, batching, tiling,
 //! progress, cancellation and input validation.
 
-use crate::common::max_abs_diff;
 use crate::common::mini::mini_net;
+use crate::common::{max_abs, max_abs_diff};
 use candle_core::{Device, Tensor};
 use pid_core::decoder::{decode, Event, Progress, Request};
 use pid_core::plan::{plan, DTypes, Plan, Tile};
@@ -53,16 +53,7 @@ fn decode_is_deterministic_in_range_and_batch_equals_singles() {
     let p = whole(&net, &req);
     let a = decode(&net, &req, &p, &mut ()).unwrap();
     assert_eq!(a.dims(), &[2, 3, 64, 96]);
-    let max = a
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(max <= 1.0);
+    assert!(max_abs(&a) <= 1.0);
     assert_eq!(
         max_abs_diff(&a, &decode(&net, &req, &p, &mut ()).unwrap()),
         0.0

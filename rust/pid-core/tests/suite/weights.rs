@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::common::mini::{mini_checkpoint, mini_config};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use pid_core::config::LatentHint;
 use pid_core::weights::Checkpoint;
 use pid_core::{Error, NetConfig};
@@ -13,6 +13,17 @@ fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pid-weights-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
+}
+
+/// Write `tensors` as a safetensors file in the test's temp dir.
+fn save(tensors: &HashMap<String, Tensor>, name: &str) -> PathBuf {
+    let path = tmp(name);
+    candle_core::safetensors::save(tensors, &path).unwrap();
+    path
+}
+
+fn zeros<S: Into<Shape>>(shape: S, dtype: DType) -> Tensor {
+    Tensor::zeros(shape, dtype, &Device::Cpu).unwrap()
 }
 
 fn load_all(path: &Path) -> HashMap<String, Tensor> {
@@ -54,16 +65,9 @@ fn a_good_checkpoint_detects_its_config_in_both_key_layouts() {
         .into_iter()
         .map(|(k, v)| (format!("net.{k}"), v))
         .collect();
-    raw.insert(
-        "net_ema.y_pos_embedding".into(),
-        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-    );
-    raw.insert(
-        "discriminator.head.weight".into(),
-        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-    );
-    let path = tmp("raw.safetensors");
-    candle_core::safetensors::save(&raw, &path).unwrap();
+    raw.insert("net_ema.y_pos_embedding".into(), zeros(3, DType::F32));
+    raw.insert("discriminator.head.weight".into(), zeros(3, DType::F32));
+    let path = save(&raw, "raw.safetensors");
     assert_eq!(check(&path, None).unwrap(), mini_config());
 }
 
@@ -72,8 +76,7 @@ fn missing_tensor_wrong_shape_and_unexpected_tensor() {
     let all = load_all(&mini_checkpoint());
     let mut missing = all.clone();
     missing.remove("patch_blocks.2.mlp_x.w3.weight");
-    let path = tmp("missing.safetensors");
-    candle_core::safetensors::save(&missing, &path).unwrap();
+    let path = save(&missing, "missing.safetensors");
     let err = check(&path, None).unwrap_err();
     assert_eq!(err.code(), "missing_tensor");
     assert!(
@@ -84,32 +87,26 @@ fn missing_tensor_wrong_shape_and_unexpected_tensor() {
     let mut wrong = all.clone();
     wrong.insert(
         "final_layer.linear.weight".into(),
-        Tensor::zeros((3, 8), DType::BF16, &Device::Cpu).unwrap(),
+        zeros((3, 8), DType::BF16),
     );
-    let path = tmp("wrong.safetensors");
-    candle_core::safetensors::save(&wrong, &path).unwrap();
+    let path = save(&wrong, "wrong.safetensors");
     let err = check(&path, None).unwrap_err();
     assert_eq!(err.code(), "tensor_shape");
     assert!(err.to_string().contains("final_layer.linear.weight"));
 
     let mut extra = all.clone();
-    extra.insert(
-        "something_else.weight".into(),
-        Tensor::zeros(2, DType::BF16, &Device::Cpu).unwrap(),
-    );
+    extra.insert("something_else.weight".into(), zeros(2, DType::BF16));
     extra.insert(
         "lq_proj.lq_aux_rgb_head.1.weight".into(),
-        Tensor::zeros(2, DType::BF16, &Device::Cpu).unwrap(),
+        zeros(2, DType::BF16),
     );
-    let path = tmp("extra.safetensors");
-    candle_core::safetensors::save(&extra, &path).unwrap();
+    let path = save(&extra, "extra.safetensors");
     let err = check(&path, None).unwrap_err();
     assert_eq!(err.code(), "unexpected_tensor");
     assert!(err.to_string().contains("something_else.weight"));
     // The training-only aux head alone is accepted.
     extra.remove("something_else.weight");
-    candle_core::safetensors::save(&extra, &path).unwrap();
-    assert!(check(&path, None).is_ok());
+    assert!(check(&save(&extra, "extra.safetensors"), None).is_ok());
 }
 
 #[test]
@@ -137,10 +134,9 @@ fn inconsistent_v15_signals_and_wrong_latent_space() {
     // A v1 (per-dim gates) file that also has the v1.5 PiT gate.
     all.insert(
         "pit_lq_gate.content_proj.weight".into(),
-        Tensor::zeros((1, 2 * d), DType::BF16, &Device::Cpu).unwrap(),
+        zeros((1, 2 * d), DType::BF16),
     );
-    let path = tmp("inconsistent.safetensors");
-    candle_core::safetensors::save(&all, &path).unwrap();
+    let path = save(&all, "inconsistent.safetensors");
     let err = check(&path, None).unwrap_err();
     assert_eq!(err.code(), "inconsistent_checkpoint");
     assert!(err.to_string().contains("pit_lq_gate.content_proj.weight"));

@@ -94,9 +94,9 @@ impl Golden {
     }
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap())
+/// Largest |x| over all elements, in f32.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -106,6 +106,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    max_abs(&(f32(a) - f32(b)).unwrap())
 }
 
 /// FNV-1a over "name" + "d0,d1,...;" per tensor: the cache key the Python side uses too.
