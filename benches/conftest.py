@@ -15,30 +15,19 @@ from pathlib import Path
 import pytest
 
 from pid_native import backends
+from pid_native.testing.measure import peak_rss_bytes, reset_peak_rss
+from pid_native.testing.paths import seeded_cache_dir
 from pid_native.testing.synth import write_bundle
 
 PRESET = os.environ.get("PID_BENCH_PRESET", "mini")
-CACHE = Path(
-    os.environ.get("PID_SEEDED_CACHE", Path(__file__).resolve().parent.parent / "target" / "pid-seeded")
-)
+CACHE = seeded_cache_dir()
 
-
-def reset_peak_rss() -> None:
-    """Restart the kernel's high-water mark of this process (Linux), so VmHWM covers one benchmark."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+__all__ = ["PRESET", "peak_rss_gib", "reset_peak_rss", "runnable_backends"]
 
 
 def peak_rss_gib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 2**20, 3)
-    except OSError:
-        pass
-    return None
+    peak = peak_rss_bytes()
+    return None if peak is None else round(peak / 2**30, 3)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,9 @@ def run(
     return subprocess.run([EXE, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("cmd", ["decode", "upscale", "demo", "synth", "info", "bench", "fetch", "verify"])
+@pytest.mark.parametrize(
+    "cmd", ["decode", "upscale", "demo", "synth", "info", "bench", "selftest", "fetch", "verify"]
+)
 def test_every_command_has_help(cmd: str) -> None:
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage: pid-native" in r.stdout

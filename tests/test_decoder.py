@@ -54,6 +54,17 @@ def test_half_and_bfloat16_latents_decode_like_float32(dec: Decoder) -> None:
     )
 
 
+def test_compute_dtype_reaches_the_network(dec: Decoder, mini_checkpoint) -> None:
+    half = Decoder.open(mini_checkpoint, backend="candle-cpu", compute_dtype="f16")
+    ref = dec.decode(latents(), caption_embs=embs())
+    out = half.decode(latents(), caption_embs=embs())
+    # f16 arithmetic: close to the f32 decode, but not the same computation.
+    assert 0 < np.abs(out - ref).max() < 0.1
+    with pytest.raises(pid_native.InvalidInputError, match="bf16 compute needs a CUDA device") as info:
+        Decoder.open(mini_checkpoint, backend="candle-cpu", compute_dtype="bf16")
+    assert info.value.code == "compute_dtype"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "code"),
     [

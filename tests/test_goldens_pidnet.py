@@ -7,30 +7,33 @@ tensor's error in forward order, so the first diverging module is visible.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import golden_cases, golden_files, golden_metadata, is_full_topology
+from conftest import golden_files, golden_metadata, is_full_topology
 from pid_native import _native
-from pid_native.testing import cached_seeded
-
-V_TOL = 1e-4
-IMAGE_TOL = 5e-4
+from pid_native.testing.goldens import (
+    IMAGE_TOL,
+    SAMPLE,
+    V_TOL,
+    case_inputs,
+    golden_arrays,
+    pidnet_cases,
+    sample_args,
+    seeded_checkpoint,
+)
 
 
 def _params() -> list:
-    params = []
-    for path in golden_files("pidnet"):
-        marks = [pytest.mark.slow] if is_full_topology(path) else []
-        for case in golden_cases(path, "x"):
-            params.append(pytest.param(path, case, id=f"{path.stem}-{case}", marks=marks))
-        if "out.sample.image" in load_file(str(path)):
-            params.append(pytest.param(path, "sample", id=f"{path.stem}-sample", marks=marks))
-    return params
+    return [
+        pytest.param(
+            path, case, id=f"{path.stem}-{case}", marks=[pytest.mark.slow] if is_full_topology(path) else []
+        )
+        for path in golden_files("pidnet")
+        for case in pidnet_cases(path)
+    ]
 
 
 _NETS: dict[Path, _native.PidNet] = {}
@@ -39,11 +42,8 @@ _NETS: dict[Path, _native.PidNet] = {}
 def _net(path: Path, cache: Path) -> _native.PidNet:
     if path not in _NETS:
         _NETS.clear()  # keep at most one (possibly 2.7 GB) network resident
-        meta = golden_metadata(path)
-        assert meta["weights"] == "seeded-v1", f"{path.name}: unsupported weights {meta['weights']!r}"
-        layout = _native.checkpoint_layout(meta["config"])
-        ckpt = cached_seeded(cache, layout, salt=meta.get("weights_salt", ""))
-        _NETS[path] = _native.PidNet.open(str(ckpt), config=meta["config"])
+        config = golden_metadata(path)["config"]
+        _NETS[path] = _native.PidNet.open(str(seeded_checkpoint(path, cache)), config=config)
     return _NETS[path]
 
 
@@ -60,13 +60,10 @@ def _trace_report(golden: dict, case: str, trace: dict) -> str:
 
 @pytest.mark.parametrize(("path", "case"), _params())
 def test_golden_pidnet(path: Path, case: str, seeded_cache: Path) -> None:
-    golden = load_file(str(path))
+    golden = golden_arrays(path)
     net = _net(path, seeded_cache)
-    if case == "sample":
-        g = {k.removeprefix("in.sample."): v for k, v in golden.items() if k.startswith("in.sample.")}
-        t_list = json.loads(golden_metadata(path)["t_list"])
-        eps = [g[f"eps{k}"] for k in range(len(t_list) - 2)]
-        image, x0s = net.sample(g["noise"], eps, g["y"], g["lq_latent"], g["sigma"], t_list)
+    if case == SAMPLE:
+        image, x0s = net.sample(*sample_args(golden, path))
         err = float(np.abs(image - golden["out.sample.image"]).max())
         steps = ", ".join(
             f"x0_step{k}: {np.abs(x0 - golden[f'trace.sample.x0_step{k}']).max():.3e}"
@@ -74,7 +71,7 @@ def test_golden_pidnet(path: Path, case: str, seeded_cache: Path) -> None:
         )
         assert err <= IMAGE_TOL, f"sampler image max abs error {err:.3e} > {IMAGE_TOL} ({steps})"
         return
-    inp = {k.removeprefix(f"in.{case}."): v for k, v in golden.items() if k.startswith(f"in.{case}.")}
+    inp = case_inputs(golden, case)
     v, trace = net.forward(inp["x"], inp["t"], inp["y"], inp["lq_latent"], inp["sigma"], trace=True)
     err = float(np.abs(v - golden[f"out.{case}.v"]).max())
     assert err <= V_TOL, f"v max abs error {err:.3e} > {V_TOL}; traces:\n{_trace_report(golden, case, trace)}"

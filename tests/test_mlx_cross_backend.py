@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import golden_config, golden_files, golden_metadata, is_full_topology
+from conftest import golden_config, golden_files, is_full_topology
 
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'pid-native[mlx]')")
 
 from pid_native import _native
 from pid_native.backends.mlx.decoder import MlxDecoder
 from pid_native.decoder import CancelToken, Decoder
-from pid_native.errors import BudgetError, Cancelled
-from pid_native.testing import cached_seeded
+from pid_native.errors import BudgetError, Cancelled, InvalidInputError
+from pid_native.testing.goldens import seeded_checkpoint
 
 pytestmark = pytest.mark.mlx
 
@@ -46,14 +46,9 @@ def _case0(path: Path) -> dict[str, np.ndarray]:
         return {k.removeprefix("in.case0."): f.get_tensor(k) for k in f.keys() if k.startswith("in.case0.")}
 
 
-def _checkpoint(path: Path, cache: Path) -> Path:
-    meta = golden_metadata(path)
-    return cached_seeded(cache, _native.checkpoint_layout(meta["config"]), salt=meta.get("weights_salt", ""))
-
-
 def _open_both(path: Path, cache: Path) -> tuple[MlxDecoder, _native.Decoder]:
     cfg = golden_config(path)
-    ckpt = _checkpoint(path, cache)
+    ckpt = seeded_checkpoint(path, cache)
     space = {
         "latent_channels": cfg["lq_latent_channels"],
         "latent_down_factor": cfg["latent_spatial_down_factor"],
@@ -119,7 +114,7 @@ def test_mlx_plan_matches_candle(path: Path, seeded_cache: Path) -> None:
 def test_decoder_registry_mlx_matches_candle(seeded_cache: Path) -> None:
     """The user-facing Decoder on backend "mlx": same images and progress events as candle-cpu."""
     path = _sdxl_mini()
-    ckpt = _checkpoint(path, seeded_cache)
+    ckpt = seeded_checkpoint(path, seeded_cache)
     inp = _case0(path)
     out: dict[str, np.ndarray] = {}
     events: dict[str, list[str]] = {}
@@ -141,9 +136,25 @@ def test_decoder_registry_mlx_matches_candle(seeded_cache: Path) -> None:
     assert err <= CROSS_TOL, f"Decoder(mlx) vs Decoder(candle-cpu) max abs {err:.3e} > {CROSS_TOL}"
 
 
+def test_decoder_compute_dtype_reaches_mlx(seeded_cache: Path) -> None:
+    """``compute_dtype="bf16"`` gives MLX's bf16 matmuls: close to the f32 decode, not equal."""
+    path = _sdxl_mini()
+    ckpt = seeded_checkpoint(path, seeded_cache)
+    inp = _case0(path)
+    out = {
+        dtype: Decoder.open(ckpt, backend="mlx", compute_dtype=dtype).decode(
+            inp["lq_latent"], caption_embs=inp["y"], sigma=inp["sigma"].tolist(), steps=1
+        )
+        for dtype in ("f32", "bf16")
+    }
+    assert 0 < float(np.abs(out["bf16"] - out["f32"]).max()) < 0.1
+    with pytest.raises(InvalidInputError, match="'f16' is not supported"):
+        Decoder.open(ckpt, backend="mlx", compute_dtype="f16")
+
+
 def test_decoder_registry_mlx_cancels(seeded_cache: Path) -> None:
     inp = _case0(_sdxl_mini())
-    dec = Decoder.open(_checkpoint(_sdxl_mini(), seeded_cache), backend="mlx")
+    dec = Decoder.open(seeded_checkpoint(_sdxl_mini(), seeded_cache), backend="mlx")
     token = CancelToken()
     seen: list[str] = []
 

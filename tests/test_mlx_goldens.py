@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from conftest import golden_cases, golden_files, golden_metadata, is_full_topology
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'pid-native[mlx]')")
 
-from pid_native import _native  # noqa: E402
 from pid_native.backends.mlx import sampler  # noqa: E402
 from pid_native.backends.mlx.caption.gemma import Gemma2Model, GemmaConfig  # noqa: E402
 from pid_native.backends.mlx.caption.prompt import select_tokens  # noqa: E402
@@ -29,22 +27,20 @@ from pid_native.backends.mlx.config import NetConfig  # noqa: E402
 from pid_native.backends.mlx.net import PidNet, Trace  # noqa: E402
 from pid_native.backends.mlx.vae import AutoencoderKL  # noqa: E402
 from pid_native.backends.mlx.weights import load_pidnet  # noqa: E402
-from pid_native.testing import cached_seeded  # noqa: E402
+from pid_native.testing.goldens import (  # noqa: E402
+    IMAGE_TOL,
+    REDUCED_MAX_TOL,
+    REDUCED_MEAN_TOL,
+    V_TOL,
+    case_inputs,
+    golden_arrays,
+    seeded_checkpoint,
+)
 
 pytestmark = pytest.mark.mlx
 
-V_TOL = 1e-4
-IMAGE_TOL = 5e-4
 GEMMA_TOL = 1e-4
 VAE_TOL = 1e-4
-BF16_MEAN_TOL = 1e-2
-BF16_MAX_TOL = 0.15
-
-
-def golden_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Inputs, outputs and traces of a golden file (embedded bf16 weights are read with mx.load)."""
-    with safe_open(str(path), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("weights.")}
 
 
 def golden_weights(path: Path) -> dict[str, mx.array]:
@@ -75,19 +71,16 @@ def _net(path: Path, cache: Path, bf16: bool = False) -> PidNet:
     key = (path, bf16)
     if key not in _NETS:
         _NETS.clear()  # keep at most one (possibly 2.7 GB) network resident
-        meta = golden_metadata(path)
-        assert meta["weights"] == "seeded-v1", f"{path.name}: unsupported weights {meta['weights']!r}"
-        layout = _native.checkpoint_layout(meta["config"])
-        ckpt = cached_seeded(cache, layout, salt=meta.get("weights_salt", ""))
         _NETS[key] = load_pidnet(
-            ckpt, NetConfig.from_json(meta["config"]), matmul_dtype=mx.bfloat16 if bf16 else None
+            seeded_checkpoint(path, cache),
+            NetConfig.from_json(golden_metadata(path)["config"]),
+            matmul_dtype=mx.bfloat16 if bf16 else None,
         )
     return _NETS[key]
 
 
 def _inputs(golden: dict[str, np.ndarray], case: str) -> dict[str, mx.array]:
-    prefix = f"in.{case}."
-    return {k.removeprefix(prefix): mx.array(v) for k, v in golden.items() if k.startswith(prefix)}
+    return {k: mx.array(v) for k, v in case_inputs(golden, case).items()}
 
 
 def _trace_report(golden: dict[str, np.ndarray], case: str, trace: Trace) -> str:
@@ -144,7 +137,7 @@ def test_golden_pidnet_bf16_mlx(path: Path, case: str, seeded_cache: Path) -> No
     diff = np.abs(v - golden[f"out.{case}.v"])
     ref_diff = np.abs(golden[f"out.{case}.v_bf16_autocast"] - golden[f"out.{case}.v"])
     msg = f"mean {diff.mean():.3e} max {diff.max():.3e} (reference autocast: mean {ref_diff.mean():.3e})"
-    assert diff.mean() <= BF16_MEAN_TOL and diff.max() <= BF16_MAX_TOL, msg
+    assert diff.mean() <= REDUCED_MEAN_TOL and diff.max() <= REDUCED_MAX_TOL, msg
 
 
 def _gemma_params() -> list:

@@ -17,7 +17,6 @@ from conftest import golden_config, golden_files, golden_metadata, is_full_topol
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'pid-native[mlx]')")
 
-from pid_native import _native  # noqa: E402
 from pid_native.backends import get  # noqa: E402
 from pid_native.backends.mlx import BACKEND  # noqa: E402
 from pid_native.backends.mlx.caption import CaptionEncoder  # noqa: E402
@@ -27,7 +26,7 @@ from pid_native.backends.mlx.decoder import MlxDecoder  # noqa: E402
 from pid_native.backends.mlx.net.attention import AttentionBudget, attention  # noqa: E402
 from pid_native.backends.mlx.weights import Checkpoint, load_pidnet, regroup_pit_modulation  # noqa: E402
 from pid_native.errors import Cancelled, InvalidInputError, MissingFileError, WeightsError  # noqa: E402
-from pid_native.testing import cached_seeded  # noqa: E402
+from pid_native.testing.goldens import seeded_checkpoint  # noqa: E402
 from pid_native.testing.tokenizer import build_tiny_gemma_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.mlx
@@ -100,10 +99,7 @@ def _mini(cache: Path) -> tuple[Path, Path]:
     """(golden, seeded checkpoint) of the mini SDXL golden."""
     for p in golden_files("pidnet"):
         if not is_full_topology(p) and golden_config(p)["lq_latent_channels"] == 4:
-            meta = golden_metadata(p)
-            return p, cached_seeded(
-                cache, _native.checkpoint_layout(meta["config"]), meta.get("weights_salt", "")
-            )
+            return p, seeded_checkpoint(p, cache)
     raise RuntimeError("no mini SDXL pidnet golden in PID_GOLDENS")
 
 

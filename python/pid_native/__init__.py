@@ -10,9 +10,15 @@ restriction extends to every decoded image.
 
 from __future__ import annotations
 
-from . import _native, backends, latents, provision
-from .decoder import CancelToken, Decoder, Plan, ProgressEvent
-from .errors import (
+from ._cudalibs import import_native
+
+# First, so that every later `from . import _native` finds the module already loaded (with
+# the CUDA build's NVIDIA libraries preloaded when it needs them).
+_native = import_native()
+
+from . import backends, latents, provision  # noqa: E402
+from .decoder import CancelToken, Decoder, Plan, ProgressEvent  # noqa: E402
+from .errors import (  # noqa: E402
     BackendUnavailableError,
     BudgetError,
     Cancelled,

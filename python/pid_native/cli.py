@@ -199,6 +199,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import options, run, summary
+
+    opts = options(args)
+    out = Path(args.out or f"pid-selftest-{opts.device.replace(':', '-')}.json")
+    report = run(opts, lambda line: print(line, file=sys.stderr, flush=True))
+    out.write_text(json.dumps(report, indent=2))
+    print(summary(report, out))
+    return 0 if report["passed"] else 1
+
+
 def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
@@ -267,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption", default="")
     _add_weights_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "selftest",
+        help="golden parity, kernel and noise checks, timed decodes, peak memory on a device (JSON report)",
+    )
+    p.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N (default cuda)")
+    p.add_argument(
+        "--dtypes", help="compute dtypes: f32,bf16,f16 (default: f32,bf16 on CUDA, f32 on the CPU)"
+    )
+    p.add_argument(
+        "--goldens", type=Path, help="golden directory (default: $PID_GOLDENS, else the checkout's)"
+    )
+    p.add_argument("--sizes", default="2048,4096", help="output sizes to time (latent = size/32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed decodes per size, after one warm-up")
+    p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+    p.add_argument("--preset", choices=["full", "mini"], default="full", help="the network timed (seeded)")
+    p.add_argument("--reference", type=Path, help="nv-tlabs/PiD checkout: time PyTorch too (needs torch)")
+    p.add_argument("--out", help="report path (default: pid-selftest-<device>.json)")
+    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.set_defaults(func=cmd_selftest)
 
     from .provision.cli import add_fetch_parser, add_verify_parser
 

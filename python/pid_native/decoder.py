@@ -176,6 +176,7 @@ class Decoder:
         gemma: str | os.PathLike[str] | None = None,
         vae: str | os.PathLike[str] | None = None,
         dtype: str | None = None,
+        compute_dtype: str | None = None,
         memory_budget: float | None = None,
         space: str | None = None,
         softcap: bool = False,
@@ -190,6 +191,8 @@ class Decoder:
             gemma: Gemma-2-2b-it directory (config.json, tokenizer.json, safetensors); overrides the bundle's.
             vae: SDXL VAE directory (config.json, diffusion_pytorch_model.safetensors); only for upscaling.
             dtype: resident weight dtype (``"bf16"`` default, or ``"f32"``).
+            compute_dtype: arithmetic of the network: ``"f32"``, ``"bf16"`` (CUDA, MLX) or ``"f16"``
+                (candle); None: the backend's default (f32 on the CPU, bf16 on CUDA).
             memory_budget: GiB a decode may use; else ``PID_MEMORY_BUDGET_GIB``, else free memory.
             space: latent space or model family (``sdxl``, ``kolors``, ``flux``...); the bundle's, else sdxl.
             softcap: apply Gemma's attention-logit softcap (the reference does not; off by default).
@@ -230,6 +233,7 @@ class Decoder:
             vae=Path(vae) if vae is not None else None,
             device=device,
             dtype=dtype,
+            compute_dtype=compute_dtype,
             softcap=softcap,
         )
         engine = backends.get(backend).open(spec)
@@ -248,7 +252,7 @@ class Decoder:
         """The memory plan for latents of ``latent_shape`` ([B, C, h, w] or [C, h, w]), without decoding."""
         shape = tuple(latent_shape)
         b, h, w = (1, *shape[-2:]) if len(shape) == 3 else (shape[0], *shape[-2:])
-        budget, source = resolve_budget(self.memory_budget)
+        budget, source = resolve_budget(self.memory_budget, self._engine.free_memory())
         p = self._engine.plan(b, h, w, budget, tile)
         return Plan(
             p["width"], p["height"], p["whole"], list(p["tiles"]), p["predicted_peak_bytes"], budget, source
@@ -308,7 +312,7 @@ class Decoder:
             )
         except ValidationError as exc:
             raise InvalidInputError(_first_error(exc), "invalid_argument") from None
-        budget, _ = resolve_budget(self.memory_budget)
+        budget, _ = resolve_budget(self.memory_budget, self._engine.free_memory())
         # Plan first: an impossible request fails before Gemma or the sampler allocate anything.
         self._engine.plan(b, lat.shape[2], lat.shape[3], budget, tile)
         if caption_embs is None:

@@ -1,8 +1,9 @@
 """The memory budget a decode must fit in.
 
 Precedence: an explicit ``memory_budget`` argument, then ``PID_MEMORY_BUDGET_GIB``, then
-what the device has free (available RAM on CPU). The planner uses it to choose between a
-whole-image decode and tiles, and refuses before allocating when nothing fits.
+what the device has free (available RAM on the CPU, free VRAM on CUDA). The planner uses it
+to choose between a whole-image decode and tiles, and refuses before allocating when nothing
+fits.
 """
 
 from __future__ import annotations

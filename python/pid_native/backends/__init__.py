@@ -30,7 +30,11 @@ class Availability:
 
 @dataclass(frozen=True)
 class OpenSpec:
-    """What a backend needs to build an engine; paths are already validated."""
+    """What a backend needs to build an engine; paths are already validated.
+
+    ``dtype`` is the resident weight dtype, ``compute_dtype`` the network's arithmetic; None
+    leaves either to the backend.
+    """
 
     checkpoint: Path
     space: LatentSpace
@@ -39,6 +43,7 @@ class OpenSpec:
     device: str | None = None
     dtype: str | None = None
     softcap: bool = False
+    compute_dtype: str | None = None
 
 
 @runtime_checkable
@@ -49,6 +54,10 @@ class Engine(Protocol):
     scale: int
 
     def encode_captions(self, captions: list[str]) -> np.ndarray: ...
+
+    def free_memory(self) -> int | None:
+        """Free bytes of the engine's device for the budget, or None where available RAM applies."""
+        ...
 
     def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]: ...
 

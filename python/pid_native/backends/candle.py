@@ -21,6 +21,7 @@ class CandleEngine:
     captions: Any | None
     vae: Any | None
     backend: str
+    device: str
     scale: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -34,6 +35,11 @@ class CandleEngine:
                 "no_caption_encoder",
             )
         return self.captions.encode(captions)
+
+    def free_memory(self) -> int | None:
+        """Free bytes of the CUDA device (all processes); None on the CPU (available RAM applies)."""
+        info = _native.device_memory(self.device)
+        return None if info is None else info[0]
 
     def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
         return self.decoder.plan(batch, h, w, budget_bytes, tile)
@@ -85,21 +91,31 @@ class CandleBackend:
                 "this build of pid-native has no CUDA support; install the CUDA build "
                 '(pip install . --config-settings="maturin.build-args=--features cuda", see README)',
             )
-        return Availability(True, "compiled with CUDA and the driver loaded")
+        try:
+            free, total = _native.device_memory("cuda:0")
+        except Exception as exc:  # no device, or the driver refuses: say why, pick another backend
+            return Availability(False, f"CUDA build, but GPU 0 cannot be opened: {exc}")
+        return Availability(True, f"GPU 0 opened ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
 
     def open(self, spec: OpenSpec) -> CandleEngine:
         if spec.dtype not in (None, "bf16", "bfloat16", "f32", "float32"):
             raise InvalidInputError(f"dtype {spec.dtype!r} is not supported; use 'bf16' or 'f32'", "dtype")
+        device = spec.device or ("cpu" if self.device == "cpu" else "cuda:0")
         decoder = _native.Decoder.open(
             str(spec.checkpoint),
             latent_channels=spec.space.channels,
             latent_down_factor=spec.space.down_factor,
             weight_dtype=spec.dtype or "bf16",
-            device=spec.device or ("cpu" if self.device == "cpu" else "cuda:0"),
+            device=device,
+            compute_dtype=spec.compute_dtype,
         )
-        captions = _native.CaptionEncoder.open(str(spec.gemma), softcap=spec.softcap) if spec.gemma else None
-        vae = _native.Vae.open(str(spec.vae)) if spec.vae else None
-        return CandleEngine(decoder, captions, vae, self.name)
+        captions = (
+            _native.CaptionEncoder.open(str(spec.gemma), softcap=spec.softcap, device=device)
+            if spec.gemma
+            else None
+        )
+        vae = _native.Vae.open(str(spec.vae), device=device) if spec.vae else None
+        return CandleEngine(decoder, captions, vae, self.name, device)
 
 
 CPU = CandleBackend("candle-cpu", priority=0, device="cpu")

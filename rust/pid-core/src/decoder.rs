@@ -8,8 +8,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels;
 use crate::net::{PidNet, Trace};
-use crate::noise::{self, Stream};
+use crate::noise::Stream;
 use crate::plan::{feather, Plan, Tile};
 use crate::sampler::{self, StepEvent, StepObserver};
 use crate::{Error, NetConfig, Result};
@@ -136,11 +137,7 @@ pub fn image_noise(
     w: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        noise::normal(seed, stream, 3 * h * w),
-        (1, 3, h, w),
-        device,
-    )?)
+    Ok(kernels::normal(seed, stream, 3 * h * w, device)?.reshape((1, 3, h, w))?)
 }
 
 /// Decode a validated request with `plan` (see [`crate::plan::plan`]); returns `(B, 3, H, W)` in [-1, 1].

@@ -13,6 +13,7 @@ pub mod caption;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod kernels;
 pub mod net;
 pub mod noise;
 pub mod plan;

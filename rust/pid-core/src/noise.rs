@@ -4,13 +4,8 @@
 //! Generator: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as
 //! 1, 2, 3", SC'11) keyed by the 64-bit seed, with counter
 //! `(block_lo, block_hi, stream, 0)` where `block = index / 4`. Each block's four
-//! 32-bit outputs become two uniform pairs, and Box-Muller (evaluated in f64, rounded
-//! to f32) turns each pair into two normals:
-//!
-//! ```text
-//! u1 = (a + 1) / 2^32 in (0, 1],  u2 = b / 2^32 in [0, 1)
-//! n0 = sqrt(-2 ln u1) cos(2 pi u2),  n1 = sqrt(-2 ln u1) sin(2 pi u2)
-//! ```
+//! 32-bit outputs become two uniform pairs, and Box-Muller (evaluated in f64 from
+//! correctly rounded operations only, rounded to f32) turns each pair into two normals.
 //!
 //! Element `index` of a draw takes normal `index % 4` of block `index / 4`. A value
 //! depends only on (seed, stream, index), never on how the draw is split up.
@@ -55,13 +50,94 @@ pub fn philox4x32_10(mut ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     ctr
 }
 
+/// `ln((a + 1) / 2^32)`: exponent split, then `ln m = 2 atanh((m - 1) / (m + 1))` on
+/// `m` in `[1/sqrt 2, sqrt 2]`, as a polynomial in `s^2`.
+fn ln_u1(a: u32) -> f64 {
+    const C: [f64; 12] = [
+        0.333_333_333_333_333_3,
+        0.2,
+        0.142_857_142_857_142_85,
+        0.111_111_111_111_111_1,
+        0.090_909_090_909_090_91,
+        0.076_923_076_923_076_93,
+        0.066_666_666_666_666_67,
+        0.058_823_529_411_764_705,
+        0.052_631_578_947_368_42,
+        0.047_619_047_619_047_616,
+        0.043_478_260_869_565_216,
+        0.04,
+    ];
+    let v = u64::from(a) + 1;
+    let mut e = 63 - v.leading_zeros() as i32;
+    let mut m = v as f64 / (1u64 << e) as f64;
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let mut p = C[11];
+    for c in C[..11].iter().rev() {
+        p = p * s2 + c;
+    }
+    p = p * s2 + 1.0;
+    f64::from(e - 32) * std::f64::consts::LN_2 + 2.0 * s * p
+}
+
+/// `(cos, sin)` of `2 pi b / 2^32`: the nearest quarter turn from the top bits, then
+/// Taylor polynomials on `[-pi/4, pi/4]`.
+fn sincos_turn(b: u32) -> (f64, f64) {
+    const SIN: [f64; 9] = [
+        -0.166_666_666_666_666_66,
+        0.008_333_333_333_333_333,
+        -0.000_198_412_698_412_698_4,
+        2.755_731_922_398_589_3e-6,
+        -2.505_210_838_544_172e-8,
+        1.605_904_383_682_161_3e-10,
+        -7.647_163_731_819_816e-13,
+        2.811_457_254_345_520_6e-15,
+        -8.220_635_246_624_33e-18,
+    ];
+    const COS: [f64; 9] = [
+        -0.5,
+        0.041_666_666_666_666_664,
+        -0.001_388_888_888_888_889,
+        2.480_158_730_158_73e-5,
+        -2.755_731_922_398_589e-7,
+        2.087_675_698_786_81e-9,
+        -1.147_074_559_772_972_5e-11,
+        4.779_477_332_387_385e-14,
+        -1.561_920_696_858_622_5e-16,
+    ];
+    let q = (u64::from(b) + (1 << 29)) >> 30; // 0..=4
+    let rem = i64::from(b) - (q << 30) as i64; // [-2^29, 2^29)
+    let x = rem as f64 / 4_294_967_296.0 * std::f64::consts::TAU;
+    let x2 = x * x;
+    let (mut ps, mut pc) = (SIN[8], COS[8]);
+    for i in (0..8).rev() {
+        ps = ps * x2 + SIN[i];
+        pc = pc * x2 + COS[i];
+    }
+    let (s, c) = (x * (ps * x2 + 1.0), pc * x2 + 1.0);
+    match q & 3 {
+        0 => (c, s),
+        1 => (-s, c),
+        2 => (-c, -s),
+        _ => (s, -c),
+    }
+}
+
+/// Box-Muller from correctly rounded f64 operations only (no libm, no fused multiply-add), so
+/// the CUDA twin in `kernels/noise_math.cuh` reproduces every bit:
+///
+/// ```text
+/// u1 = (a + 1) / 2^32 in (0, 1],  u2 = b / 2^32 in [0, 1)
+/// n0 = sqrt(-2 ln u1) cos(2 pi u2),  n1 = sqrt(-2 ln u1) sin(2 pi u2)
+/// ```
 fn box_muller(a: u32, b: u32) -> (f32, f32) {
-    const INV_2_32: f64 = 1.0 / 4_294_967_296.0;
-    let u1 = (f64::from(a) + 1.0) * INV_2_32;
-    let u2 = f64::from(b) * INV_2_32;
-    let r = (-2.0 * u1.ln()).sqrt();
-    let theta = 2.0 * std::f64::consts::PI * u2;
-    ((r * theta.cos()) as f32, (r * theta.sin()) as f32)
+    let r = (-2.0 * ln_u1(a)).sqrt();
+    let (c, s) = sincos_turn(b);
+    ((r * c) as f32, (r * s) as f32)
 }
 
 /// The four normals of counter block `block`.
@@ -122,6 +198,37 @@ mod tests {
             ),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
+    }
+
+    #[test]
+    fn box_muller_parts_match_libm() {
+        // Our ln/sincos must be accurate, not just reproducible: within a few f64 ulps of libm.
+        for a in [
+            0u32,
+            1,
+            2,
+            1000,
+            0x7fff_ffff,
+            0xb504_f333,
+            0xfffe_0000,
+            u32::MAX,
+        ] {
+            let exact = ((f64::from(a) + 1.0) / 4_294_967_296.0).ln();
+            let got = ln_u1(a);
+            assert!(
+                (got - exact).abs() <= 4e-16 * exact.abs().max(1e-300),
+                "ln {a}: {got} vs {exact}"
+            );
+        }
+        for b in (0..=u32::MAX)
+            .step_by(104_729)
+            .chain([0x2000_0000, 0x6000_0000, u32::MAX])
+        {
+            let theta = f64::from(b) / 4_294_967_296.0 * std::f64::consts::TAU;
+            let (c, s) = sincos_turn(b);
+            assert!((c - theta.cos()).abs() < 1e-15, "cos {b}");
+            assert!((s - theta.sin()).abs() < 1e-15, "sin {b}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use pyo3::exceptions::PyUserWarning;
 use pyo3::prelude::*;
 
 use crate::convert::to_numpy;
-use crate::decoder::parse_device;
+use crate::device::parse_device;
 use crate::errors::{input_error, PyPidError};
 use pid_core::caption::{CaptionCache, CaptionEncoder, GemmaWeights, TEXT_TOKENS};
 

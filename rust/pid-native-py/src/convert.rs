@@ -28,3 +28,10 @@ pub fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyArray
         .map_err(|e| input_error("array", e.to_string()))?;
     Ok(arr.into_pyarray(py))
 }
+
+/// A float32 numpy array as a tensor on `device` (copied).
+pub fn on(device: &Device, name: &str, a: &PyReadonlyArrayDyn<'_, f32>) -> PyResult<Tensor> {
+    to_tensor(name, a)?
+        .to_device(device)
+        .map_err(|e| PyPidError::from(e).into())
+}

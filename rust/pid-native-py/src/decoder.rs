@@ -3,41 +3,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{to_numpy, to_tensor};
+use crate::device::{self, parse_device};
 use crate::errors::{input_error, PyPidError};
 use crate::net::parse_dtype;
 use pid_core::decoder::{self, Event, Progress, Request};
 use pid_core::plan::{self, DTypes, Plan};
 use pid_core::weights::Checkpoint;
 use pid_core::{Error, LatentHint, PidNet};
-
-/// "cpu", "cuda" or "cuda:N".
-pub fn parse_device(name: &str) -> Result<Device, PyPidError> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let ordinal = cuda
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), str::parse::<usize>)
-                .map_err(|_| {
-                    PyPidError(Error::input(
-                        "device",
-                        format!("bad device {name:?}; use \"cpu\" or \"cuda:N\""),
-                    ))
-                })?;
-            Ok(Device::new_cuda(ordinal)?)
-        }
-        other => Err(PyPidError(Error::input(
-            "device",
-            format!("unknown device {other:?}; use \"cpu\" or \"cuda:N\""),
-        ))),
-    }
-}
 
 /// A thread-safe flag: `cancel()` stops a running decode at its next step or tile boundary.
 #[pyclass(name = "CancelToken", module = "pid_native._native", frozen)]
@@ -130,12 +107,13 @@ pub fn plan_dict<'py>(py: Python<'py>, p: &Plan) -> PyResult<Bound<'py, PyDict>>
 pub struct PyDecoder {
     net: PidNet,
     weight_bytes: usize,
+    activation_bytes: usize,
 }
 
 impl PyDecoder {
     fn dtypes(&self) -> DTypes {
         DTypes {
-            activation: 4,
+            activation: self.activation_bytes,
             weight: self.weight_bytes,
         }
     }
@@ -170,8 +148,10 @@ impl PyDecoder {
     ///     latent_channels, latent_down_factor: the latent space (needed to detect flux2 v1.5).
     ///     weight_dtype: resident weight dtype, "bf16" (default, half the memory) or "f32".
     ///     device: "cpu" or "cuda[:N]" (CUDA builds only).
+    ///     compute_dtype: activation dtype, "f32", "bf16" (CUDA) or "f16"; None: f32 on the
+    ///         CPU, bf16 on CUDA. Norms, RoPE, gates and the sampler stay in f32.
     #[staticmethod]
-    #[pyo3(signature = (checkpoint, latent_channels=None, latent_down_factor=8, weight_dtype="bf16", device="cpu"))]
+    #[pyo3(signature = (checkpoint, latent_channels=None, latent_down_factor=8, weight_dtype="bf16", device="cpu", compute_dtype=None))]
     fn open(
         py: Python<'_>,
         checkpoint: std::path::PathBuf,
@@ -179,24 +159,23 @@ impl PyDecoder {
         latent_down_factor: usize,
         weight_dtype: &str,
         device: &str,
+        compute_dtype: Option<&str>,
     ) -> PyResult<Self> {
         let wdt = parse_dtype(weight_dtype)?;
         let device = parse_device(device)?;
+        let cdt = device::compute_dtype(compute_dtype, &device)?;
         let hint = latent_channels.map(|channels| LatentHint {
             channels,
             spatial_down_factor: latent_down_factor,
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
             let (ckpt, cfg) = Checkpoint::open_validated(&checkpoint, None, hint)?;
-            Ok(PidNet::new(
-                &cfg,
-                ckpt.var_builder(wdt, &device),
-                DType::F32,
-            )?)
+            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device), cdt)?)
         })?;
         Ok(Self {
             net,
             weight_bytes: wdt.size_in_bytes(),
+            activation_bytes: cdt.size_in_bytes(),
         })
     }
 

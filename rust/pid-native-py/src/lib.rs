@@ -6,6 +6,7 @@
 mod caption;
 mod convert;
 mod decoder;
+mod device;
 mod errors;
 mod net;
 mod vae;
@@ -15,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use errors::{input_error, PyPidError};
-use pid_core::noise::{self, Stream};
+use pid_core::noise::Stream;
 use pid_core::weights::Checkpoint;
 use pid_core::{LatentHint, NetConfig};
 
@@ -131,21 +132,27 @@ fn preset_config(name: &str) -> Result<String, PyPidError> {
 ///
 /// `stream` 0 is a decode's initial noise, `k + 1` the re-noising after step k. A value
 /// depends only on (seed, stream, flat index), so every backend draws the same numbers.
+///
+/// With a CUDA `device` the values are drawn on the GPU (bit-identical to the CPU's).
 #[pyfunction]
-#[pyo3(signature = (seed, stream, shape))]
-fn gaussian_noise(
-    py: Python<'_>,
+#[pyo3(signature = (seed, stream, shape, device="cpu"))]
+fn gaussian_noise<'py>(
+    py: Python<'py>,
     seed: u64,
     stream: u32,
     shape: Vec<usize>,
-) -> PyResult<Bound<'_, PyArrayDyn<f32>>> {
+    device: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let n: usize = shape.iter().product();
     let s = if stream == 0 {
         Stream::Initial
     } else {
         Stream::Renoise(stream - 1)
     };
-    let data = py.detach(|| noise::normal(seed, s, n));
+    let dev = device::parse_device(device)?;
+    let data = py
+        .detach(|| pid_core::kernels::normal(seed, s, n, &dev)?.to_vec1::<f32>())
+        .map_err(PyPidError::from)?;
     let arr = numpy::ndarray::ArrayD::from_shape_vec(numpy::ndarray::IxDyn(&shape), data)
         .map_err(|e| input_error("shape", e.to_string()))?;
     Ok(arr.into_pyarray(py))
@@ -164,6 +171,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_decode, m)?)?;
     m.add_function(wrap_pyfunction!(feather, m)?)?;
     m.add_function(wrap_pyfunction!(t_ladder, m)?)?;
+    m.add_function(wrap_pyfunction!(device::set_custom_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(device::custom_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(device::synchronize, m)?)?;
+    m.add_function(wrap_pyfunction!(device::kernel_self_check, m)?)?;
+    m.add_function(wrap_pyfunction!(device::device_memory, m)?)?;
     m.add_class::<net::PyPidNet>()?;
     m.add_class::<decoder::PyDecoder>()?;
     m.add_class::<decoder::PyCancelToken>()?;

@@ -1,11 +1,12 @@
 //! `PidNet`: the bare network and sampler, for parity tests and other backends' conformance.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{to_numpy, to_tensor};
+use crate::convert::{on, to_numpy};
+use crate::device::parse_device;
 use crate::errors::{input_error, PyPidError};
 use pid_core::net::{PidNet, Trace};
 use pid_core::sampler::{self, StepObserver};
@@ -45,9 +46,12 @@ impl PyPidNet {
     ///     config: network config JSON; detected from the tensors when omitted.
     ///     latent_channels, latent_down_factor: the latent space, needed to detect
     ///         un-patchifying students (flux2 v1.5).
-    ///     weight_dtype: resident dtype of the weights ("bf16" halves memory; math runs in f32).
+    ///     weight_dtype: resident dtype of the weights ("bf16" halves memory).
+    ///     device: "cpu" or "cuda[:N]"; inputs and outputs stay NumPy float32.
+    ///     compute_dtype: activation dtype, "f32" (default), "bf16" (CUDA) or "f16".
     #[staticmethod]
-    #[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=None, weight_dtype="bf16"))]
+    #[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=None, weight_dtype="bf16", device="cpu", compute_dtype="f32"))]
+    #[allow(clippy::too_many_arguments)]
     fn open(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -55,19 +59,19 @@ impl PyPidNet {
         latent_channels: Option<usize>,
         latent_down_factor: Option<usize>,
         weight_dtype: &str,
+        device: &str,
+        compute_dtype: &str,
     ) -> PyResult<Self> {
         let wdt = parse_dtype(weight_dtype)?;
+        let device = parse_device(device)?;
+        let cdt = crate::device::compute_dtype(Some(compute_dtype), &device)?;
         let hint = latent_channels.map(|c| LatentHint {
             channels: c,
             spatial_down_factor: latent_down_factor.unwrap_or(8),
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
             let (ckpt, cfg) = Checkpoint::open_validated(&path, config.as_deref(), hint)?;
-            Ok(PidNet::new(
-                &cfg,
-                ckpt.var_builder(wdt, &Device::Cpu),
-                DType::F32,
-            )?)
+            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device), cdt)?)
         })?;
         Ok(Self { net })
     }
@@ -94,12 +98,13 @@ impl PyPidNet {
         sigma: PyReadonlyArrayDyn<'py, f32>,
         trace: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let dev = self.net.device();
         let (x, t, y, z, s) = (
-            to_tensor("x", &x)?,
-            to_tensor("t", &t)?,
-            to_tensor("y", &y)?,
-            to_tensor("lq_latent", &lq_latent)?,
-            to_tensor("sigma", &sigma)?,
+            on(dev, "x", &x)?,
+            on(dev, "t", &t)?,
+            on(dev, "y", &y)?,
+            on(dev, "lq_latent", &lq_latent)?,
+            on(dev, "sigma", &sigma)?,
         );
         let mut tr = if trace {
             Trace::enabled()
@@ -139,15 +144,16 @@ impl PyPidNet {
         sigma: PyReadonlyArrayDyn<'py, f32>,
         t_list: Vec<f32>,
     ) -> PyResult<Sampled<'py>> {
-        let noise = to_tensor("noise", &noise)?;
+        let dev = self.net.device();
+        let noise = on(dev, "noise", &noise)?;
         let eps: Vec<Tensor> = eps
             .iter()
-            .map(|e| to_tensor("eps", e))
+            .map(|e| on(dev, "eps", e))
             .collect::<PyResult<_>>()?;
         let (y, z, s) = (
-            to_tensor("y", &y)?,
-            to_tensor("lq_latent", &lq_latent)?,
-            to_tensor("sigma", &sigma)?,
+            on(dev, "y", &y)?,
+            on(dev, "lq_latent", &lq_latent)?,
+            on(dev, "sigma", &sigma)?,
         );
         if t_list.len() < 2 || eps.len() + 2 < t_list.len() {
             return Err(input_error(

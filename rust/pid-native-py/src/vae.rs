@@ -6,7 +6,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 
 use crate::convert::{to_numpy, to_tensor};
-use crate::decoder::parse_device;
+use crate::device::parse_device;
 use crate::errors::PyPidError;
 use pid_core::vae::Vae;
 

@@ -60,6 +60,7 @@ class MlxEngine:
                 latent_channels=spec.space.channels,
                 latent_down_factor=spec.space.down_factor,
                 softcap=spec.softcap,
+                dtype=spec.compute_dtype or "float32",
                 weight_dtype=_WEIGHT_DTYPES[spec.dtype],
             )
         return cls(decoder, device)
@@ -67,6 +68,10 @@ class MlxEngine:
     def encode_captions(self, captions: list[str]) -> np.ndarray:
         with mx.stream(self.device):
             return self.decoder.encode_captions(captions)
+
+    def free_memory(self) -> int | None:
+        """None: MLX works in unified memory (or on the CPU), where available RAM is the budget."""
+        return None
 
     def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
         return self.decoder.plan(batch, h, w, budget_bytes, tile).as_dict()

@@ -47,6 +47,9 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, budget: AttentionBudget) -> Resu
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
+    if crate::kernels::flash_attention_applies(q) {
+        return crate::kernels::flash_attention(q, k, v);
+    }
     sdpa_chunked(q, k, v, budget)
 }
 
@@ -88,9 +91,33 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
-/// Interleaved-pair rotation of `x (B, H, L, d)` by tables `(L, d/2)`, in f32.
+/// Interleaved-pair rotation of `x (B, H, L, d)` by f32 tables `(L, d/2)`, evaluated in f32
+/// whatever `x`'s dtype (as the reference does under autocast).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
+    if x.dtype() == cos.dtype() {
+        return candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin);
+    }
+    candle_nn::rotary_emb::rope_i(&x.to_dtype(cos.dtype())?.contiguous()?, cos, sin)?
+        .to_dtype(x.dtype())
+}
+
+/// `(B, H, Lq, Lk, d)` of `q (B, H, Lq, d)` and `k, v (B, H, Lk, d)`, or an error naming the shapes.
+pub(crate) fn attention_dims(
+    ql: &Layout,
+    kl: &Layout,
+    vl: &Layout,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, h, lq, d) = ql.shape().dims4()?;
+    let lk = kl.shape().dims4()?.2;
+    if kl.shape().dims4()? != (b, h, lk, d) || vl.shape() != kl.shape() {
+        bail!(
+            "attention shapes q {:?}, k {:?}, v {:?} do not match",
+            ql.shape(),
+            kl.shape(),
+            vl.shape()
+        )
+    }
+    Ok((b, h, lq, lk, d))
 }
 
 /// The CPU kernel behind [`sdpa`]: one task per (batch-head, block of `rows` queries).
@@ -131,16 +158,7 @@ impl CustomOp3 for FusedCpuAttention {
             contiguous_f32(ks, kl)?,
             contiguous_f32(vs, vl)?,
         );
-        let (b, h, lq, d) = ql.shape().dims4()?;
-        let lk = kl.shape().dims4()?.2;
-        if kl.shape().dims4()? != (b, h, lk, d) || vl.shape() != kl.shape() {
-            bail!(
-                "attention shapes q {:?}, k {:?}, v {:?} do not match",
-                ql.shape(),
-                kl.shape(),
-                vl.shape()
-            )
-        }
+        let (b, h, lq, lk, d) = attention_dims(ql, kl, vl)?;
         let mut out = vec![0f32; b * h * lq * d];
         out.par_chunks_mut(lq * d)
             .enumerate()

@@ -7,6 +7,9 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Module, Result, Sh
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::kernels;
+pub use crate::kernels::gated_add;
+
 /// `param` in the dtype of the activations `x`. A forward casts every bf16 weight once and
 /// candle's cast is single-threaded, so bf16 -> f32 on the CPU runs on all threads instead.
 pub fn cast_param(param: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -103,20 +106,18 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// The norm followed by adaLN modulation, `norm(x) * (1 + scale) + shift`, fused on CUDA
+    /// (see [`kernels::rms_norm_modulate`] for the shapes).
+    pub fn forward_modulated(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        kernels::rms_norm_modulate(x, &cast_param(&self.weight, x)?, shift, scale, Self::EPS)
+    }
+}
+
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &cast_param(&self.weight, x)?, Self::EPS)
     }
-}
-
-/// adaLN modulation: x * (1 + scale) + shift.
-pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
-}
-
-/// `x + gate * y`, the gated residual update every block uses.
-pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    x + y.broadcast_mul(gate)?
 }
 
 /// Split the last axis into `n` equal contiguous chunks.

@@ -131,12 +131,8 @@ impl SigmaGate {
     /// `s, f (B, L, D)`, `sigma (B,)` in f32.
     pub fn forward(&self, s: &Tensor, f: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let logit = self.content_proj.forward(&Tensor::cat(&[s, f], 2)?)?;
-        let offset = sigma
-            .broadcast_mul(&self.log_alpha.to_dtype(DType::F32)?.exp()?)?
-            .reshape(((), 1, 1))?;
-        let gate =
-            candle_nn::ops::sigmoid(&logit.broadcast_sub(&offset.to_dtype(logit.dtype())?)?)?;
-        s + f.broadcast_mul(&gate)?
+        let offset = sigma.broadcast_mul(&self.log_alpha.to_dtype(DType::F32)?.exp()?)?;
+        crate::kernels::sigma_gate(s, f, &logit, &offset)
     }
 }
 

@@ -21,6 +21,8 @@ mod pixel_block;
 mod rope;
 
 pub use attention::AttentionBudget;
+#[cfg(feature = "cuda")]
+pub(crate) use attention::{attention_dims, sdpa_chunked};
 pub(crate) use layers::Linear;
 pub use lq_proj::LqFeatures;
 pub(crate) use rope::linspace_f32;
@@ -278,7 +280,7 @@ impl PidNet {
             )
         }
         let x = x.to_dtype(self.compute_dtype)?;
-        let t_emb = self.t_embedder.forward(t)?; // (B, D)
+        let t_emb = self.t_embedder.forward(t)?.to_dtype(self.compute_dtype)?; // (B, D)
         trace.record(|| "t_embedder".into(), &t_emb);
         let c = t_emb.silu()?;
 
@@ -320,7 +322,8 @@ impl PidNet {
         }
         let out = self.final_layer.forward(&px)?;
         trace.record(|| "final_layer".into(), &out);
-        fold(&out, b, h, w, self.cfg.patch_size)
+        // The sampler update runs in f32 whatever the compute dtype.
+        fold(&out, b, h, w, self.cfg.patch_size)?.to_dtype(DType::F32)
     }
 
     /// One forward pass: [`PidNet::condition`] then [`PidNet::velocity`].

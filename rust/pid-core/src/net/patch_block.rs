@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{apply_rope, merge_heads, sdpa, split_heads, AttentionBudget};
-use super::layers::{chunk_last, gated_add, map_row_chunks, modulate, Linear, RmsNorm};
+use super::layers::{chunk_last, gated_add, map_row_chunks, Linear, RmsNorm};
 use super::{JointRope, Rope};
 
 /// Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
@@ -146,8 +146,8 @@ impl PatchBlock {
         let mx = chunk_last(&self.ada_ln_modulation_img.forward(&c.unsqueeze(1)?)?, 6)?;
         let my = chunk_last(&self.ada_ln_modulation_txt.forward(&c.unsqueeze(1)?)?, 6)?;
 
-        let xn = modulate(&self.norm_x1.forward(x)?, &mx[0], &mx[1])?;
-        let yn = modulate(&self.norm_y1.forward(y)?, &my[0], &my[1])?;
+        let xn = self.norm_x1.forward_modulated(x, &mx[0], &mx[1])?;
+        let yn = self.norm_y1.forward_modulated(y, &my[0], &my[1])?;
         let (qx, kx, vx) = self.attn_x.forward(&xn, self.heads, Some(&rope.image))?;
         let (qy, ky, vy) = self.attn_y.forward(&yn, self.heads, rope.text.as_ref())?;
         let nt = y.dim(1)?;
@@ -168,16 +168,16 @@ impl PatchBlock {
             &mx[5],
             &self
                 .mlp_x
-                .forward(&modulate(&self.norm_x2.forward(&x)?, &mx[3], &mx[4])?)?,
+                .forward(&self.norm_x2.forward_modulated(&x, &mx[3], &mx[4])?)?,
         )?;
 
         let y = match attn_y {
             None => None,
             Some(attn_y) => {
                 let y = gated_add(y, &my[2], &self.proj_y.forward(&merge_heads(&attn_y)?)?)?;
-                let h =
-                    self.mlp_y
-                        .forward(&modulate(&self.norm_y2.forward(&y)?, &my[3], &my[4])?)?;
+                let h = self
+                    .mlp_y
+                    .forward(&self.norm_y2.forward_modulated(&y, &my[3], &my[4])?)?;
                 Some(gated_add(&y, &my[5], &h)?)
             }
         };

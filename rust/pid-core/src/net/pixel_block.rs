@@ -10,7 +10,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{apply_rope, merge_heads, sdpa, split_heads, AttentionBudget};
-use super::layers::{chunk_last, gated_add, map_row_chunks, modulate, Linear, RmsNorm};
+use super::layers::{chunk_last, gated_add, map_row_chunks, Linear, RmsNorm};
 use super::Rope;
 
 /// Patches processed at once in the token-local passes.
@@ -135,8 +135,8 @@ impl PixelBlock {
         // Pass 1 (token-local): modulate, flatten [p][ch], compress to one token per patch.
         let compressed = map_row_chunks(x, PATCH_ROWS, |xc, start| {
             let sc = s.narrow(0, start, xc.dim(0)?)?;
-            let xn = modulate(
-                &self.norm1.forward(xc)?,
+            let xn = self.norm1.forward_modulated(
+                xc,
                 &self.modulation(0, &sc)?,
                 &self.modulation(1, &sc)?,
             )?;
@@ -161,8 +161,8 @@ impl PixelBlock {
                 .forward(&attn.narrow(0, start, n)?)?
                 .reshape((n, self.p2, self.dim))?;
             let xc = gated_add(xc, &self.modulation(2, &sc)?, &expanded)?;
-            let h = modulate(
-                &self.norm2.forward(&xc)?,
+            let h = self.norm2.forward_modulated(
+                &xc,
                 &self.modulation(3, &sc)?,
                 &self.modulation(4, &sc)?,
             )?;

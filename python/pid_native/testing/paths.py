@@ -1,0 +1,56 @@
+"""Where the test data lives: golden fixtures and the cache of generated seeded weights.
+
+Used by the test-suite, the benchmarks and ``pid-native selftest``, so all three agree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MissingFileError
+
+GOLDENS_ENV = "PID_GOLDENS"
+SEEDED_CACHE_ENV = "PID_SEEDED_CACHE"
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from (an editable install), else None."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "tests").is_dir() else None
+
+
+def goldens_dir() -> Path:
+    """``$PID_GOLDENS``, else the checkout's ``../shared/goldens``, else its ``tests/goldens``.
+
+    Raises:
+        MissingFileError: none of them exists.
+    """
+    if os.environ.get(GOLDENS_ENV):
+        return Path(os.environ[GOLDENS_ENV])
+    root = repo_root()
+    candidates = [root.parent / "shared" / "goldens", root / "tests" / "goldens"] if root else []
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise MissingFileError(
+        f"no golden fixture directory found (looked at ${GOLDENS_ENV} and "
+        f"{', '.join(map(str, candidates)) or 'a source checkout'}); set {GOLDENS_ENV} or pass --goldens",
+        "no_goldens",
+    )
+
+
+def seeded_cache_dir() -> Path:
+    """Where generated seeded-v1 weights are kept: ``$PID_SEEDED_CACHE``, else the checkout's
+    ``target/pid-seeded``, else ``<pid_native_home()>/seeded``."""
+    if os.environ.get(SEEDED_CACHE_ENV):
+        return Path(os.environ[SEEDED_CACHE_ENV])
+    root = repo_root()
+    if root is not None:
+        return root / "target" / "pid-seeded"
+    from ..provision.bundle import pid_native_home
+
+    return pid_native_home() / "seeded"
+
+
+__all__ = ["GOLDENS_ENV", "SEEDED_CACHE_ENV", "goldens_dir", "repo_root", "seeded_cache_dir"]
