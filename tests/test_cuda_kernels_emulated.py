@@ -123,12 +123,25 @@ def test_sigma_gate_f32(emu, per_token: bool) -> None:
     np.testing.assert_allclose(out, s + f * gate, rtol=1e-5, atol=1e-6)
 
 
+def misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` starting 2 bytes past a 16-byte boundary."""
+    buf = np.zeros(a.size + 8, a.dtype)
+    start = (-buf.ctypes.data % 16) // a.itemsize + 1
+    out = buf[start : start + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["16-byte-loads", "scalar-loads"])
 @pytest.mark.parametrize("d", [64, 72])
-def test_flash_attention_bf16(emu, d: int) -> None:
+def test_flash_attention_bf16(emu, d: int, aligned: bool) -> None:
     # Query and key counts that are not multiples of the 64-query block and 32-key tile.
     bh, lq, lk = 2, 133, 75
     rng = np.random.default_rng(d)
     q, k, v = (to_bf16(rng.standard_normal((bh, n, d)) * s) for n, s in ((lq, 1.5), (lk, 1.5), (lk, 1.0)))
+    if not aligned:
+        q, k, v = misaligned(q), misaligned(k), misaligned(v)
+        assert q.ctypes.data % 16 == 2
     out = np.zeros((bh, lq, d), np.uint16)
     scale = 1 / np.sqrt(d)
     emu.emu_flash_attention_bf16(ptr(q), ptr(k), ptr(v), ptr(out), bh, lq, lk, d, ctypes.c_float(scale))

@@ -83,10 +83,30 @@ __device__ void sigma_gate(const T* s, const T* f, const T* logit, const float* 
 // layouts are opaque: rows are rescaled there, then reloaded as the accumulator of P V.
 constexpr int FA_BR = 64, FA_BC = 32, FA_WARPS = 4;
 
+// Rows [row0, row0 + rows) of a (n, D) tensor into a (rows, DP) shared tile; rows past n and
+// columns past D are zero. All threads of the block take part.
+template <int D, int DP>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int row0, int n, int rows, bool vec) {
+    if (vec) {
+        constexpr int CH = DP / 8;  // 16-byte chunks per padded row
+        for (int i = threadIdx.x; i < rows * CH; i += blockDim.x) {
+            const int r = i / CH, c = (i % CH) * 8;
+            uint4 chunk = make_uint4(0, 0, 0, 0);
+            if (row0 + r < n && c < D) chunk = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * D + c);
+            *reinterpret_cast<uint4*>(dst + r * DP + c) = chunk;
+        }
+    } else {
+        for (int i = threadIdx.x; i < rows * DP; i += blockDim.x) {
+            const int r = i / DP, c = i % DP;
+            dst[i] = (row0 + r < n && c < D) ? src[(size_t)(row0 + r) * D + c] : __float2bfloat16(0.f);
+        }
+    }
+}
+
 template <int D, int DP>
 __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, bf16* out, int lq,
                                 int lk, float scale) {
-    static_assert(DP % 16 == 0 && DP >= D, "padded head dim");
+    static_assert(DP % 16 == 0 && DP >= D && D % 8 == 0, "padded head dim, whole 16-byte chunks");
     // o_s doubles as the staging area of the block's queries before the loop.
     __shared__ __align__(128) float o_s[FA_BR * DP];
     __shared__ __align__(128) bf16 k_s[FA_BC * DP];
@@ -102,11 +122,12 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, bf1
     v += bh * lk * D;
     out += bh * lq * D;
 
+    // Rows of 64 and 72 bf16 are whole 16-byte chunks: tiles load 8 values per instruction
+    // when the tensors are 16-byte aligned (candle's allocations are).
+    const bool vec = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
+                       reinterpret_cast<uintptr_t>(v)) & 15) == 0;
     bf16* q_s = reinterpret_cast<bf16*>(o_s);
-    for (int i = tid; i < FA_BR * DP; i += blockDim.x) {
-        const int r = i / DP, c = i % DP;
-        q_s[i] = (row0 + r < lq && c < D) ? q[(size_t)(row0 + r) * D + c] : __float2bfloat16(0.f);
-    }
+    load_tile<D, DP>(q_s, q, row0, lq, FA_BR, vec);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> q_frag[DP / 16];
     for (int kk = 0; kk < DP / 16; ++kk)
@@ -123,13 +144,8 @@ __device__ void flash_attention(const bf16* q, const bf16* k, const bf16* v, bf1
 
     for (int t0 = 0; t0 < lk; t0 += FA_BC) {
         __syncthreads();  // the previous tile is consumed (and o_s zeroed on the first pass)
-        for (int i = tid; i < FA_BC * DP; i += blockDim.x) {
-            const int j = i / DP, c = i % DP;
-            const bool in = t0 + j < lk && c < D;
-            const size_t src = (size_t)(t0 + j) * D + c;
-            k_s[i] = in ? k[src] : __float2bfloat16(0.f);
-            v_s[i] = in ? v[src] : __float2bfloat16(0.f);
-        }
+        load_tile<D, DP>(k_s, k, t0, lk, FA_BC, vec);
+        load_tile<D, DP>(v_s, v, t0, lk, FA_BC, vec);
         __syncthreads();
 
         // S = Q K^T for this warp's 16 rows: K row-major is K^T column-major.

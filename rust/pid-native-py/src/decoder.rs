@@ -243,7 +243,9 @@ impl PyDecoder {
             decoder::validate(self.net.config(), &req)?;
             let (b, _, h, w) = req.latents.dims4()?;
             let p = self.make_plan(b, h, w, budget_bytes, tile)?;
-            decoder::decode(&self.net, &req, &p, &mut sink)
+            let image = decoder::decode(&self.net, &req, &p, &mut sink);
+            crate::alloc::trim();
+            image
         });
         match result {
             Ok(image) => to_numpy(py, &image),

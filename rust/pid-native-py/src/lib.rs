@@ -3,6 +3,7 @@
 //! Arguments are copied into owned Rust values while attached, heavy work runs with
 //! the GIL released, and every core error maps to one class of `pid_native.errors`.
 
+mod alloc;
 mod caption;
 mod convert;
 mod decoder;
@@ -160,6 +161,7 @@ fn gaussian_noise<'py>(
 
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    alloc::tune();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;

@@ -112,7 +112,11 @@ impl PyPidNet {
             Trace::disabled()
         };
         let v = py
-            .detach(|| self.net.forward(&x, &t, &y, &z, &s, &mut tr))
+            .detach(|| {
+                let v = self.net.forward(&x, &t, &y, &z, &s, &mut tr);
+                crate::alloc::trim();
+                v
+            })
             .map_err(PyPidError::from)?;
         let v = to_numpy(py, &v)?.into_any();
         if !trace {
@@ -186,6 +190,7 @@ impl PyPidNet {
                     |k| Ok(eps[k].clone()),
                     &mut keep,
                 )?;
+                crate::alloc::trim();
                 Ok((image, keep.0))
             })
             .map_err(PyPidError::from)?;

@@ -75,6 +75,11 @@ inline void emu_launch(dim3 grid, unsigned threads, const std::function<void()>&
     }
 }
 
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int __clzll(long long v) { return v == 0 ? 64 : __builtin_clzll((unsigned long long)v); }
 // Correctly rounded f64 operations; the test build uses -ffp-contract=off so nothing is fused.
