@@ -20,7 +20,7 @@ from pid_native.testing.paths import seeded_cache_dir
 from pid_native.testing.synth import write_bundle
 
 PRESET = os.environ.get("PID_BENCH_PRESET", "mini")
-CACHE = seeded_cache_dir()
+CACHE = seeded_cache_dir(Path(__file__).resolve().parent.parent)
 
 __all__ = ["PRESET", "peak_rss_gib", "reset_peak_rss", "runnable_backends"]
 

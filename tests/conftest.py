@@ -8,6 +8,7 @@ directory extends the suite.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,15 @@ from pid_native.testing.goldens import (  # re-exported for the test modules
     is_full_topology,
     seeded_checkpoint,
 )
-from pid_native.testing.paths import goldens_dir, seeded_cache_dir
+from pid_native.testing.paths import GOLDENS_ENV, SEEDED_CACHE_ENV, goldens_dir, seeded_cache_dir
 
-GOLDENS = goldens_dir()
-SEEDED_CACHE = seeded_cache_dir()
+# The package may be installed from a wheel (CI), so anchor the defaults at this checkout, for
+# this process and the CLI subprocesses the tests start.
+REPO = Path(__file__).resolve().parent.parent
+GOLDENS = goldens_dir(REPO)
+SEEDED_CACHE = seeded_cache_dir(REPO)
+os.environ.setdefault(GOLDENS_ENV, str(GOLDENS))
+os.environ.setdefault(SEEDED_CACHE_ENV, str(SEEDED_CACHE))
 
 __all__ = ["GOLDENS", "golden_cases", "golden_config", "golden_files", "golden_metadata", "is_full_topology"]
 

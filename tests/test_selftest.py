@@ -21,7 +21,6 @@ from safetensors.numpy import save_file
 import pid_native
 from conftest import GOLDENS, golden_files, golden_metadata, is_full_topology
 from pid_native.testing.goldens import SAMPLE, golden_arrays, golden_cases, pidnet_cases
-from pid_native.testing.paths import repo_root
 
 EXE = shutil.which("pid-native")
 SDXL_MINI = "pidnet_sdxl_mini.safetensors"
@@ -120,13 +119,11 @@ def test_cuda_on_a_cpu_build_is_refused_with_the_reason(tmp_path: Path) -> None:
 
 def _reference_checkout() -> Path | None:
     """``$PID_REFERENCE``, else ``../ref/PiD`` beside the checkout, if it is there."""
-    root = repo_root()
+    root = Path(__file__).resolve().parent.parent
     if "PID_REFERENCE" in os.environ:
         path = Path(os.environ["PID_REFERENCE"])
-    elif root is not None:
-        path = root.parent / "ref" / "PiD"
     else:
-        return None
+        path = root.parent / "ref" / "PiD"
     return path if (path / "pid" / "_src" / "networks" / "pid_net.py").is_file() else None
 
 

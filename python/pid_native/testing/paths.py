@@ -20,15 +20,18 @@ def repo_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "tests").is_dir() else None
 
 
-def goldens_dir() -> Path:
+def goldens_dir(root: Path | None = None) -> Path:
     """``$PID_GOLDENS``, else the checkout's ``../shared/goldens``, else its ``tests/goldens``.
+
+    ``root`` is the source checkout (default: the one an editable install runs from; a
+    regular install has none, so its callers pass it or set ``$PID_GOLDENS``).
 
     Raises:
         MissingFileError: none of them exists.
     """
     if os.environ.get(GOLDENS_ENV):
         return Path(os.environ[GOLDENS_ENV])
-    root = repo_root()
+    root = root or repo_root()
     candidates = [root.parent / "shared" / "goldens", root / "tests" / "goldens"] if root else []
     for candidate in candidates:
         if candidate.is_dir():
@@ -40,12 +43,13 @@ def goldens_dir() -> Path:
     )
 
 
-def seeded_cache_dir() -> Path:
+def seeded_cache_dir(root: Path | None = None) -> Path:
     """Where generated seeded-v1 weights are kept: ``$PID_SEEDED_CACHE``, else the checkout's
-    ``target/pid-seeded``, else ``<pid_native_home()>/seeded``."""
+    (``root``, default as in :func:`goldens_dir`) ``target/pid-seeded``, else
+    ``<pid_native_home()>/seeded``."""
     if os.environ.get(SEEDED_CACHE_ENV):
         return Path(os.environ[SEEDED_CACHE_ENV])
-    root = repo_root()
+    root = root or repo_root()
     if root is not None:
         return root / "target" / "pid-seeded"
     from ..provision.bundle import pid_native_home

@@ -3,7 +3,7 @@
 //!
 //! Each function computes the same result on every device. On a CUDA tensor of a supported
 //! dtype, with custom kernels enabled, it launches one kernel; otherwise it runs the candle-ops
-//! twin, which is also the reference [`self_check`] compares the kernels against. Custom
+//! twin, which is also the reference `self_check` (CUDA builds) compares the kernels against. Custom
 //! kernels are on by default; `PID_CUDA_KERNELS=0` in the environment or [`set_enabled`]
 //! turns them off for the whole process.
 
@@ -42,7 +42,6 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether an op on `t` goes to a custom kernel.
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn use_kernel(t: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && t.device().is_cuda()
