@@ -46,9 +46,8 @@ def main() -> None:
 
     check_checkout(args.reference)
     if args.checkpoint is None:
-        args.checkpoint = cached_seeded(
-            seeded_cache_dir(Path(__file__).resolve().parent.parent), _native.checkpoint_layout(_native.preset_config(PRESET))
-        )
+        layout = _native.checkpoint_layout(_native.preset_config(PRESET))
+        args.checkpoint = cached_seeded(seeded_cache_dir(Path(__file__).resolve().parent.parent), layout)
     ladder = _native.t_ladder(4)
     comparison = Comparison(
         reference=args.reference,

@@ -28,7 +28,8 @@ def forward_flops(size: int, config: dict) -> dict[str, float]:
     gates = len(range(0, depth, config["lq_interval"])) * 2 * tokens * 2 * d * d
     patch_linear = depth * (stream(tokens) + stream(text)) + gates
     joint = tokens + text
-    patch_attention = (depth - 1) * 4 * joint * joint * d + 4 * tokens * joint * d  # last block: image queries only
+    # The last block's text stream is skipped: only image queries attend there.
+    patch_attention = (depth - 1) * 4 * joint * joint * d + 4 * tokens * joint * d
     pd, pa, p2 = config["pixel_hidden_size"], config["pixel_attn_hidden_size"], p * p
     pixel_linear = config["pixel_depth"] * (
         2 * tokens * d * 6 * pd * p2  # per-pixel adaLN
@@ -54,7 +55,8 @@ def main() -> None:
         fl = forward_flops(size, config)
         base = base or fl["total"]
         attn = (fl["patch_attention"] + fl["pixel_attention"]) / fl["total"]
-        print(f"{size}²: {fl['total'] / 1e12:8.2f} TFLOP per forward ({attn:.0%} attention), x{fl['total'] / base:.2f}")
+        tflop = fl["total"] / 1e12
+        print(f"{size}²: {tflop:8.2f} TFLOP per forward ({attn:.0%} attention), x{fl['total'] / base:.2f}")
 
 
 if __name__ == "__main__":
