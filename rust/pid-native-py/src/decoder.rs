@@ -8,9 +8,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{to_numpy, to_tensor};
-use crate::device::{self, parse_device};
+use crate::device::{self, parse_device, parse_dtype};
 use crate::errors::{input_error, PyPidError};
-use crate::net::parse_dtype;
+
 use pid_core::decoder::{self, Event, Progress, Request};
 use pid_core::plan::{self, DTypes, Plan};
 use pid_core::weights::Checkpoint;

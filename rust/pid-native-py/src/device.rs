@@ -7,6 +7,19 @@ use pyo3::types::PyDict;
 use crate::errors::PyPidError;
 use pid_core::Error;
 
+/// "bf16" | "bfloat16", "f16" | "float16" or "f32" | "float32".
+pub fn parse_dtype(name: &str) -> Result<DType, PyPidError> {
+    match name {
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f32" | "float32" => Ok(DType::F32),
+        other => Err(PyPidError(Error::input(
+            "dtype",
+            format!("unknown dtype {other:?}; use \"bf16\", \"f16\" or \"f32\""),
+        ))),
+    }
+}
+
 /// "cpu", "cuda" or "cuda:N".
 pub fn parse_device(name: &str) -> Result<Device, PyPidError> {
     match name {
@@ -40,15 +53,8 @@ pub fn parse_device(name: &str) -> Result<Device, PyPidError> {
 pub fn compute_dtype(name: Option<&str>, device: &Device) -> Result<DType, PyPidError> {
     let dtype = match name {
         None if device.is_cuda() => DType::BF16,
-        None | Some("f32" | "float32") => DType::F32,
-        Some("bf16" | "bfloat16") => DType::BF16,
-        Some("f16" | "float16") => DType::F16,
-        Some(other) => {
-            return Err(PyPidError(Error::input(
-                "compute_dtype",
-                format!("unknown compute dtype {other:?}; use \"f32\", \"bf16\" or \"f16\""),
-            )))
-        }
+        None => DType::F32,
+        Some(name) => parse_dtype(name)?,
     };
     if dtype == DType::BF16 && device.is_cpu() {
         return Err(PyPidError(Error::input(

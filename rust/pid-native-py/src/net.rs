@@ -1,29 +1,17 @@
 //! `PidNet`: the bare network and sampler, for parity tests and other backends' conformance.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{on, to_numpy};
-use crate::device::parse_device;
+use crate::device::{parse_device, parse_dtype};
 use crate::errors::{input_error, PyPidError};
 use pid_core::net::{PidNet, Trace};
 use pid_core::sampler::{self, StepObserver};
 use pid_core::weights::Checkpoint;
 use pid_core::LatentHint;
-
-pub fn parse_dtype(name: &str) -> PyResult<DType> {
-    match name {
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        "f32" | "float32" => Ok(DType::F32),
-        other => Err(input_error(
-            "dtype",
-            format!("unknown dtype {other:?}; use \"bf16\", \"f16\" or \"f32\""),
-        )),
-    }
-}
 
 /// `(image, [x0 of every step])` from [`PyPidNet::sample`].
 type Sampled<'py> = (

@@ -94,9 +94,7 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Interleaved-pair rotation of `x (B, H, L, d)` by f32 tables `(L, d/2)`, evaluated in f32
 /// whatever `x`'s dtype (as the reference does under autocast).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if x.dtype() == cos.dtype() {
-        return candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin);
-    }
+    // Both casts are no-ops (a shared clone) on the f32 path.
     candle_nn::rotary_emb::rope_i(&x.to_dtype(cos.dtype())?.contiguous()?, cos, sin)?
         .to_dtype(x.dtype())
 }
