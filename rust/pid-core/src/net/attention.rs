@@ -271,7 +271,7 @@ fn exp_shifted_sum(row: &mut [f32]) -> f32 {
 /// |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by its degree-6 minimax polynomial (the
 /// Cephes `expf` coefficients), 2^n by building the exponent bits with integer ops only.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -3,8 +3,11 @@
 //! Parameters stay in the checkpoint's storage dtype (bf16 on CPU halves resident
 //! memory) and are cast to the activation dtype at use: candle's CPU matmul has no bf16.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D,
+};
 use candle_nn::VarBuilder;
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels;
@@ -73,21 +76,109 @@ impl Linear {
     }
 }
 
+/// Up to this many rows, a CPU f32 linear with bf16 weights streams the weights once
+/// ([`Bf16MatVec`]) instead of upcasting them for a matmul.
+const MATVEC_ROWS: usize = 4;
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let w = cast_param(&self.weight, x)?;
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&cast_param(b, x)?)?,
-            None => y,
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if rows <= MATVEC_ROWS
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::BF16
+        {
+            let bias = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            x2.contiguous()?
+                .apply_op2_no_bwd(&self.weight.contiguous()?, &Bf16MatVec { bias })?
+        } else {
+            let y = x2.matmul(&cast_param(&self.weight, x)?.t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(&cast_param(b, x)?)?,
+                None => y,
+            }
         };
         let mut out = dims;
         *out.last_mut().unwrap() = self.out_dim();
         y.reshape(out)
     }
+}
+
+/// `y = x W^T + b` for a few f32 rows `x (m, k)` and bf16 `W (n, k)`, each weight read once
+/// and widened in registers. The adaLN modulations (one row per image, a third of PiD's
+/// weights) run this way: upcasting those weights for a matmul cost ~10x more than the product.
+struct Bf16MatVec {
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for Bf16MatVec {
+    fn name(&self) -> &'static str {
+        "pid-bf16-matvec"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = match (xs, xl.contiguous_offsets(), ws, wl.contiguous_offsets()) {
+            (CpuStorage::F32(x), Some((xa, xb)), CpuStorage::BF16(w), Some((wa, wb))) => {
+                (&x[xa..xb], &w[wa..wb])
+            }
+            _ => bail!("bf16 matvec expects contiguous f32 rows and bf16 weights"),
+        };
+        let (m, k) = xl.shape().dims2()?;
+        let n = wl.shape().dims2()?.0;
+        // Output features in parallel blocks, written feature-major then transposed (m is tiny).
+        const FEATURES: usize = 64;
+        let mut out_t = vec![0f32; n * m];
+        out_t
+            .par_chunks_mut(FEATURES * m)
+            .enumerate()
+            .for_each(|(blk, out)| {
+                for (jj, out_j) in out.chunks_exact_mut(m).enumerate() {
+                    let j = blk * FEATURES + jj;
+                    let w_j = &w[j * k..(j + 1) * k];
+                    let b = self.bias.as_ref().map_or(0.0, |b| b[j]);
+                    for (r, o) in out_j.iter_mut().enumerate() {
+                        *o = b + dot_bf16(&x[r * k..(r + 1) * k], w_j);
+                    }
+                }
+            });
+        let out = if m == 1 {
+            out_t
+        } else {
+            (0..m * n).map(|i| out_t[(i % n) * m + i / n]).collect()
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `sum x[i] * w[i]` with 16 independent lanes, which the compiler vectorises.
+fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(wc.remainder())
+        .map(|(a, b)| a * b.to_f32())
+        .sum();
+    for (xs, ws) in xc.zip(wc) {
+        for i in 0..LANES {
+            acc[i] += xs[i] * ws[i].to_f32();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// PiD RMSNorm: `w * (x * rsqrt(mean(x^2) + eps))`, eps 1e-6 — not Gemma's (1 + w).
@@ -147,4 +238,40 @@ pub fn map_row_chunks(
         start += len;
     }
     Tensor::cat(&outs, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bf16_matvec_equals_the_matmul_of_the_widened_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        // In-width off the 16-lane grid; one row (adaLN) and the most rows the matvec takes.
+        let (k, n) = (37, 70);
+        let weight = Tensor::randn(0f32, 1., (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let bias = Tensor::randn(0f32, 1., n, &dev)?.to_dtype(DType::BF16)?;
+        for (rows, bias) in [
+            (1, Some(bias.clone())),
+            (MATVEC_ROWS, Some(bias)),
+            (2, None),
+        ] {
+            let x = Tensor::randn(0f32, 1., (rows, 1, k), &dev)?;
+            let linear = Linear::from_parts(weight.clone(), bias.clone());
+            let w32 = weight.to_dtype(DType::F32)?;
+            let mut want = x.reshape((rows, k))?.matmul(&w32.t()?)?;
+            if let Some(b) = &bias {
+                want = want.broadcast_add(&b.to_dtype(DType::F32)?)?;
+            }
+            let got = linear.forward(&x)?;
+            assert_eq!(got.dims(), &[rows, 1, n]);
+            let err = (got.reshape((rows, n))? - want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-5, "rows {rows}: max abs error {err}");
+        }
+        Ok(())
+    }
 }
