@@ -12,6 +12,8 @@ use std::cell::RefCell;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::layers::cpu_slice;
+
 /// Upper bound on the bytes one score block may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionBudget(pub usize);
@@ -129,14 +131,6 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        (CpuStorage::F32(_), None) => bail!("fused attention needs contiguous inputs"),
-        _ => bail!("fused attention runs on f32"),
-    }
-}
-
 impl CustomOp3 for FusedCpuAttention {
     fn name(&self) -> &'static str {
         "pid-fused-attention"
@@ -152,9 +146,9 @@ impl CustomOp3 for FusedCpuAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
-            contiguous_f32(qs, ql)?,
-            contiguous_f32(ks, kl)?,
-            contiguous_f32(vs, vl)?,
+            cpu_slice::<f32>(qs, ql, self.name())?,
+            cpu_slice::<f32>(ks, kl, self.name())?,
+            cpu_slice::<f32>(vs, vl, self.name())?,
         );
         let (b, h, lq, lk, d) = attention_dims(ql, kl, vl)?;
         let mut out = vec![0f32; b * h * lq * d];

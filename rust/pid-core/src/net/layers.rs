@@ -4,7 +4,8 @@
 //! memory) and are cast to the activation dtype at use: candle's CPU matmul has no bf16.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor,
+    WithDType, D,
 };
 use candle_nn::VarBuilder;
 use half::bf16;
@@ -23,6 +24,21 @@ pub fn cast_param(param: &Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The elements of a CPU custom op's operand as `&[T]`: it must be contiguous and of dtype `T`.
+pub(crate) fn cpu_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op} needs contiguous operands")
+    };
+    match storage.as_slice::<T>() {
+        Ok(data) => Ok(&data[start..end]),
+        Err(_) => bail!("{op} expects {:?} operands", T::DTYPE),
+    }
+}
+
 struct ParallelBf16ToF32;
 
 impl CustomOp1 for ParallelBf16ToF32 {
@@ -31,13 +47,9 @@ impl CustomOp1 for ParallelBf16ToF32 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::BF16(data), Some((start, end))) => {
-                let out = data[start..end].par_iter().map(|v| v.to_f32()).collect();
-                Ok((CpuStorage::F32(out), layout.shape().clone()))
-            }
-            _ => bail!("bf16 -> f32 expects a contiguous bf16 tensor"),
-        }
+        let data = cpu_slice::<bf16>(storage, layout, self.name())?;
+        let out = data.par_iter().map(|v| v.to_f32()).collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
@@ -129,12 +141,8 @@ impl CustomOp2 for Bf16MatVec {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = match (xs, xl.contiguous_offsets(), ws, wl.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((xa, xb)), CpuStorage::BF16(w), Some((wa, wb))) => {
-                (&x[xa..xb], &w[wa..wb])
-            }
-            _ => bail!("bf16 matvec expects contiguous f32 rows and bf16 weights"),
-        };
+        let x = cpu_slice::<f32>(xs, xl, self.name())?;
+        let w = cpu_slice::<bf16>(ws, wl, self.name())?;
         let (m, k) = xl.shape().dims2()?;
         let n = wl.shape().dims2()?.0;
         // Output features in parallel blocks, written feature-major then transposed (m is tiny).

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention::{apply_rope, exp_f32, merge_heads, sdpa, split_heads, AttentionBudget};
-use super::layers::{chunk_last, gated_add, map_row_chunks, Linear, RmsNorm};
+use super::layers::{chunk_last, cpu_slice, gated_add, map_row_chunks, Linear, RmsNorm};
 use super::Rope;
 
 /// Patches processed at once in the token-local passes.
@@ -24,6 +24,30 @@ const PATCH_ROWS: usize = 1024;
 struct Mlp {
     fc1: Linear,
     fc2: Linear,
+    /// The same weights for the fused CPU kernel, widened and transposed once at load.
+    fused: PixelMlp,
+}
+
+impl Mlp {
+    fn new(fc1: Linear, fc2: Linear) -> Result<Self> {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let bias = |l: &Linear| match l.bias() {
+            Some(b) => f32s(b),
+            None => Ok(vec![0.0; l.out_dim()]),
+        };
+        let fused = PixelMlp {
+            w1_t: f32s(&fc1.weight().t()?)?,
+            b1: bias(&fc1)?,
+            w2_t: f32s(&fc2.weight().t()?)?,
+            b2: bias(&fc2)?,
+        };
+        Ok(Self { fc1, fc2, fused })
+    }
+
+    /// The MLP from candle ops: other devices and dtypes, and the fused kernel's reference.
+    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
 }
 
 impl Module for Mlp {
@@ -31,33 +55,16 @@ impl Module for Mlp {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             // Two matmuls with 16-wide operands are mostly packing overhead and a 4x wider
             // intermediate; per pixel the whole MLP fits in registers.
-            let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-            let bias = |l: &Linear| match l.bias() {
-                Some(b) => f32s(b),
-                None => Ok(vec![0.0; l.out_dim()]),
-            };
-            let op = PixelMlp {
-                w1_t: f32s(&self.fc1.weight().t()?)?,
-                b1: bias(&self.fc1)?,
-                w2_t: f32s(&self.fc2.weight().t()?)?,
-                b2: bias(&self.fc2)?,
-            };
-            return x.contiguous()?.apply_op1_no_bwd(&op);
+            return x.contiguous()?.apply_op1_no_bwd(&self.fused);
         }
         self.forward_ops(x)
-    }
-}
-
-impl Mlp {
-    /// The MLP from candle ops: other devices and dtypes, and the fused kernel's reference.
-    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
     }
 }
 
 /// [`Mlp`] fused on the CPU, one pixel at a time: `W2 gelu_erf(W1 x + b1) + b2`, with the
 /// weights transposed (`w1_t (dim, hidden)`, `w2_t (hidden, dim)`) so each step is a
 /// vectorisable axpy over contiguous outputs.
+#[derive(Debug, Clone)]
 struct PixelMlp {
     w1_t: Vec<f32>,
     b1: Vec<f32>,
@@ -71,10 +78,7 @@ impl CustomOp1 for PixelMlp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b))) => &x[a..b],
-            _ => bail!("the fused pixel MLP expects a contiguous f32 tensor"),
-        };
+        let x = cpu_slice::<f32>(storage, layout, self.name())?;
         let (dim, hidden) = (self.b2.len(), self.b1.len());
         if layout.dims().last() != Some(&dim) {
             bail!("pixel MLP input {:?} is not {dim} wide", layout.dims())
@@ -177,10 +181,10 @@ impl PixelBlock {
                 proj: Linear::new(attn.pp("proj"), attn_dim, attn_dim, true)?,
                 heads,
             },
-            mlp: Mlp {
-                fc1: Linear::new(vb.pp("mlp.fc1"), dim, mh, true)?,
-                fc2: Linear::new(vb.pp("mlp.fc2"), mh, dim, true)?,
-            },
+            mlp: Mlp::new(
+                Linear::new(vb.pp("mlp.fc1"), dim, mh, true)?,
+                Linear::new(vb.pp("mlp.fc2"), mh, dim, true)?,
+            )?,
             modulation,
             p2,
             dim,
@@ -307,18 +311,17 @@ mod tests {
                 Some(Tensor::randn(0f32, 0.5, o, &dev)?),
             ))
         };
-        let mlp = Mlp {
-            fc1: linear(16, 64)?,
-            fc2: linear(64, 16)?,
-        };
+        let mlp = Mlp::new(linear(16, 64)?, linear(64, 16)?)?;
         // Rows that do not fill the kernel's 1024-pixel tasks; large inputs reach erf's tails.
         let x = (Tensor::randn(0f32, 1., (3, 700, 16), &dev)? * 3.0)?;
-        let fused = mlp.forward(&x)?;
-        let err = (fused - mlp.forward_ops(&x)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(err < 2e-5, "max abs error {err}");
+        let reference = mlp.forward_ops(&x)?;
+        let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+        // Outputs reach ~50 here; the two summation orders differ by a few f32 ulps of that.
+        let err = max_abs(&(mlp.forward(&x)? - &reference)?)? / max_abs(&reference)?;
+        assert!(
+            err < 2e-6,
+            "max abs error {err} relative to the largest output"
+        );
         Ok(())
     }
 
