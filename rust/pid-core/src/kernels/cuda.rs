@@ -12,7 +12,7 @@ use candle_core::{
 };
 use half::bf16;
 
-use super::{gated_add_ops, rms_norm_modulate_ops, sigma_gate_ops};
+use super::{gated_add_ops, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops};
 use crate::noise::{self, Stream};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pid_kernels.ptx"));
@@ -51,15 +51,6 @@ fn stride_config(n: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Rows per modulation row, checking that `m_elems` elements of modulation cover `rows x d`.
-fn rows_per_mod(what: &str, rows: usize, d: usize, m_elems: usize) -> Result<i32> {
-    let m = m_elems / d.max(1);
-    if m == 0 || m * d != m_elems || !rows.is_multiple_of(m) {
-        bail!("{what}: {m_elems} modulation values do not tile {rows} rows of {d}")
-    }
-    Ok((rows / m) as i32)
 }
 
 fn last_dim(l: &Layout) -> usize {
@@ -101,7 +92,7 @@ impl RmsNormModulate {
         let dev = xs.device();
         let d = last_dim(xl);
         let rows = xl.shape().elem_count() / d;
-        let per_mod = rows_per_mod(self.name(), rows, d, hl.shape().elem_count())?;
+        let per_mod = rows_per_mod(self.name(), rows, d, hl.shape().elem_count())? as i32;
         let (ws, wl) = self.weight.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             bail!("rms_norm_modulate: the weight is not on the GPU")
@@ -190,7 +181,7 @@ impl GatedAdd {
             )
         }
         let d = last_dim(xl);
-        let per_mod = rows_per_mod("gated_add", n / d, d, gl.shape().elem_count())?;
+        let per_mod = rows_per_mod("gated_add", n / d, d, gl.shape().elem_count())? as i32;
         let (x, g, y) = (view::<T>(xs, xl)?, view::<T>(gs, gl)?, view::<T>(ys, yl)?);
         let out = unsafe { dev.alloc::<T>(n)? };
         let func = kernel!(dev, &format!("pid_gated_add_{}", suffix(T::DTYPE)?))?;

@@ -1,12 +1,14 @@
-//! Fused operations with our own CUDA kernels (`kernels/pid_kernels.cu`) and their candle-ops
-//! twins.
+//! Fused operations with our own kernels — CUDA (`kernels/pid_kernels.cu`) and CPU
+//! (`cpu.rs`) — and their candle-ops twins.
 //!
 //! Each function computes the same result on every device. On a CUDA tensor of a supported
-//! dtype, with custom kernels enabled, it launches one kernel; otherwise it runs the candle-ops
-//! twin, which is also the reference `self_check` (CUDA builds) compares the kernels against. Custom
-//! kernels are on by default; `PID_CUDA_KERNELS=0` in the environment or [`set_enabled`]
+//! dtype, with custom kernels enabled, it launches one kernel; on a CPU f32 tensor it runs
+//! one parallel pass; otherwise it runs the candle-ops twin, which is also the reference the
+//! kernels are tested against (`self_check` on CUDA builds, unit tests on the CPU). Custom
+//! CUDA kernels are on by default; `PID_CUDA_KERNELS=0` in the environment or [`set_enabled`]
 //! turns them off for the whole process.
 
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
@@ -14,7 +16,7 @@ pub use cuda::{self_check, KernelCheck};
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::noise::{self, Stream};
 
@@ -49,6 +51,20 @@ fn use_kernel(t: &Tensor) -> bool {
         && enabled()
 }
 
+/// Whether an op on `t` runs a [`cpu`] kernel.
+fn use_cpu_kernel(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Rows of `x` per modulation row, checking that `m_elems` modulation values cover `rows x d`.
+fn rows_per_mod(what: &str, rows: usize, d: usize, m_elems: usize) -> Result<usize> {
+    let m = m_elems / d.max(1);
+    if m == 0 || m * d != m_elems || !rows.is_multiple_of(m) {
+        bail!("{what}: {m_elems} modulation values do not tile {rows} rows of {d}")
+    }
+    Ok(rows / m)
+}
+
 /// `rmsnorm(x) * weight * (1 + scale) + shift`, the adaLN-modulated norm of every block.
 ///
 /// `x (..., D)`; `shift` and `scale` hold `M` rows of `D` with `M` dividing the rows of `x`,
@@ -64,6 +80,16 @@ pub fn rms_norm_modulate(
     #[cfg(feature = "cuda")]
     if use_kernel(x) {
         return cuda::rms_norm_modulate(x, weight, shift, scale, eps);
+    }
+    if use_cpu_kernel(x) {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let op = cpu::RmsNormModulate {
+            weight: weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            eps,
+        };
+        return x
+            .contiguous()?
+            .apply_op3_no_bwd(&f32s(shift)?, &f32s(scale)?, &op);
     }
     rms_norm_modulate_ops(x, weight, shift, scale, eps)
 }
@@ -87,6 +113,12 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     if use_kernel(x) {
         return cuda::gated_add(x, gate, y);
     }
+    if use_cpu_kernel(x) {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        return x
+            .contiguous()?
+            .apply_op3_no_bwd(&f32s(gate)?, &f32s(y)?, &cpu::GatedAdd);
+    }
     gated_add_ops(x, gate, y)
 }
 
@@ -102,6 +134,15 @@ pub fn sigma_gate(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
     if use_kernel(s) {
         return cuda::sigma_gate(s, f, logit, offset);
     }
+    if use_cpu_kernel(s) {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let op = cpu::SigmaGate {
+            offset: offset.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        };
+        return s
+            .contiguous()?
+            .apply_op3_no_bwd(&f32s(f)?, &f32s(logit)?, &op);
+    }
     sigma_gate_ops(s, f, logit, offset)
 }
 
@@ -111,6 +152,20 @@ fn sigma_gate_ops(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
         &f32(logit)?.broadcast_sub(&offset.to_dtype(DType::F32)?.reshape(((), 1, 1))?)?,
     )?;
     (f32(s)? + f32(f)?.broadcast_mul(&gate)?)?.to_dtype(s.dtype())
+}
+
+/// `silu(a) * b`, the gate of a SwiGLU feed-forward (`a`, `b` of one shape).
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_cpu_kernel(a) && b.dtype() == DType::F32 {
+        return a
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &cpu::Swiglu);
+    }
+    swiglu_ops(a, b)
+}
+
+fn swiglu_ops(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.silu()? * b
 }
 
 /// Whether [`flash_attention`] handles `q (B, H, L, d)`: CUDA, bf16, head dim 64 or 72.
@@ -135,4 +190,66 @@ pub fn normal(seed: u64, stream: Stream, n: usize, device: &Device) -> Result<Te
         return cuda::normal(dev, seed, stream.id(), n);
     }
     Tensor::from_vec(noise::normal(seed, stream, n), n, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[usize]) -> Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+    }
+
+    /// Largest |a - b| relative to the largest |b|.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+        Ok(max_abs(&(a - b)?)? / max_abs(b)?)
+    }
+
+    #[test]
+    fn cpu_kernels_equal_their_candle_ops_twins() -> Result<()> {
+        // Per-image modulation of (B, L, D) and per-pixel modulation of (N, P*P, 16); rows
+        // that do not fill a rayon task.
+        for (x_shape, mod_shape) in [
+            (vec![2, 37, 96], vec![2, 1, 96]),
+            (vec![5, 256, 16], vec![5, 256, 16]),
+        ] {
+            let x = (randn(&x_shape)? * 3.0)?;
+            let (shift, scale, gate) = (randn(&mod_shape)?, randn(&mod_shape)?, randn(&mod_shape)?);
+            let w = randn(&[x_shape[2]])?;
+            let y = randn(&x_shape)?;
+            let norm = rms_norm_modulate(&x, &w, &shift, &scale, 1e-6)?;
+            let err = rel_err(&norm, &rms_norm_modulate_ops(&x, &w, &shift, &scale, 1e-6)?)?;
+            assert!(err < 1e-6, "rms_norm_modulate {x_shape:?}: {err}");
+            let err = rel_err(&gated_add(&x, &gate, &y)?, &gated_add_ops(&x, &gate, &y)?)?;
+            assert!(err < 1e-6, "gated_add {x_shape:?}: {err}");
+        }
+        // Per-dim and per-token gates; two images with their own sigma offsets.
+        let (s, f) = (randn(&[2, 33, 64])?, randn(&[2, 33, 64])?);
+        let offset = Tensor::new(&[0.3f32, 2.5], &Device::Cpu)?;
+        for gw in [64, 1] {
+            let logit = (randn(&[2, 33, gw])? * 4.0)?;
+            let got = sigma_gate(&s, &f, &logit, &offset)?;
+            let err = rel_err(&got, &sigma_gate_ops(&s, &f, &logit, &offset)?)?;
+            assert!(err < 1e-6, "sigma_gate, gate width {gw}: {err}");
+        }
+        // Beyond +-20 silu's exp saturates on either side.
+        let (a, b) = ((randn(&[3, 50_001])? * 12.0)?, randn(&[3, 50_001])?);
+        let err = rel_err(&swiglu(&a, &b)?, &swiglu_ops(&a, &b)?)?;
+        assert!(err < 1e-6, "swiglu: {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_kernels_refuse_modulations_that_do_not_tile_the_rows() -> Result<()> {
+        let (x, m) = (randn(&[2, 6, 8])?, randn(&[5, 8])?);
+        let w = randn(&[8])?;
+        let err = rms_norm_modulate(&x, &w, &m, &m, 1e-6)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not tile"), "{err}");
+        let err = gated_add(&x, &m, &x).unwrap_err().to_string();
+        assert!(err.contains("do not tile"), "{err}");
+        Ok(())
+    }
 }

@@ -12,7 +12,9 @@ use std::cell::RefCell;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layers::cpu_slice;
+use super::layers::{chunk_last, RmsNorm};
+use super::Rope;
+use crate::kernels::cpu::{cpu_slice, exp_f32, for_rows, with_f32_slices};
 
 /// Upper bound on the bytes one score block may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,149 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // Both casts are no-ops (a shared clone) on the f32 path.
     candle_nn::rotary_emb::rope_i(&x.to_dtype(cos.dtype())?.contiguous()?, cos, sin)?
         .to_dtype(x.dtype())
+}
+
+/// One stream of an attention's inputs: its fused projection `qkv (B, N, 3 * H * d)`, the
+/// per-head RMSNorms of its queries and keys, and the rotation of its positions, if any.
+pub struct QkvStream<'a> {
+    pub qkv: &'a Tensor,
+    pub q_norm: &'a RmsNorm,
+    pub k_norm: &'a RmsNorm,
+    pub rope: Option<&'a Rope>,
+}
+
+/// q, k, v `(B, H, N, d)` over the streams' tokens in order — keys and values of every
+/// stream, queries of `streams[q_from..]` only: each `qkv` split in three and into heads, q
+/// and k normed per head and rotated. On the CPU in f32 one parallel pass per output;
+/// elsewhere candle ops (the kernel's reference), where every step is a single-threaded copy.
+pub fn qkv_heads(
+    streams: &[QkvStream],
+    heads: usize,
+    q_from: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let qkv = streams.first().map(|s| s.qkv);
+    match qkv {
+        Some(t) if t.device().is_cpu() && t.dtype() == DType::F32 => {
+            qkv_heads_cpu(streams, heads, q_from)
+        }
+        _ => qkv_heads_ops(streams, heads, q_from),
+    }
+}
+
+fn qkv_heads_ops(
+    streams: &[QkvStream],
+    heads: usize,
+    q_from: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+    for (i, s) in streams.iter().enumerate() {
+        let parts = chunk_last(s.qkv, 3)?;
+        let q = split_heads(&parts[0], heads)?.apply(s.q_norm)?;
+        let k = split_heads(&parts[1], heads)?.apply(s.k_norm)?;
+        let (q, k) = match s.rope {
+            Some(r) => (
+                apply_rope(&q, &r.cos, &r.sin)?,
+                apply_rope(&k, &r.cos, &r.sin)?,
+            ),
+            None => (q, k),
+        };
+        if i >= q_from {
+            qs.push(q);
+        }
+        ks.push(k);
+        vs.push(split_heads(&parts[2], heads)?);
+    }
+    Ok((
+        Tensor::cat(&qs, 2)?,
+        Tensor::cat(&ks, 2)?,
+        Tensor::cat(&vs, 2)?,
+    ))
+}
+
+fn qkv_heads_cpu(
+    streams: &[QkvStream],
+    heads: usize,
+    q_from: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, _, width) = streams[0].qkv.dims3()?;
+    let hd = width / 3;
+    let d = hd / heads;
+    let mut tokens = Vec::with_capacity(streams.len());
+    // Per stream: qkv, q_norm and k_norm weights, then cos and sin if rotated.
+    let mut operands = Vec::new();
+    let mut weights = Vec::new();
+    for s in streams {
+        let (sb, n, sw) = s.qkv.dims3()?;
+        if sb != b || sw != width || width != 3 * heads * d {
+            bail!(
+                "qkv streams {:?} and {:?} do not split into {heads} heads",
+                streams[0].qkv.dims(),
+                s.qkv.dims()
+            )
+        }
+        tokens.push(n);
+        weights.push(s.q_norm.weight().to_dtype(DType::F32)?);
+        weights.push(s.k_norm.weight().to_dtype(DType::F32)?);
+    }
+    for (i, s) in streams.iter().enumerate() {
+        operands.extend([s.qkv, &weights[2 * i], &weights[2 * i + 1]]);
+        if let Some(r) = s.rope {
+            operands.extend([&r.cos, &r.sin]);
+        }
+    }
+    let n_all: usize = tokens.iter().sum();
+    let n_q: usize = tokens[q_from..].iter().sum();
+    let (q, k, v) = with_f32_slices(&operands, |data| {
+        // The operands of each stream, in the order pushed above.
+        let mut srcs = Vec::with_capacity(streams.len());
+        let mut at = 0;
+        for (s, &n) in streams.iter().zip(&tokens) {
+            let rope = s.rope.map(|_| (data[at + 3], data[at + 4]));
+            srcs.push((n, data[at], data[at + 1], data[at + 2], rope));
+            at += if rope.is_some() { 5 } else { 3 };
+        }
+        // Output row (b, h, n) of `part` (0 q, 1 k, 2 v) over `srcs[first..]`.
+        let fill = |part: usize, first: usize, n_out: usize| {
+            let mut out = vec![0f32; b * heads * n_out * d];
+            for_rows(&mut out, d, |row, o| {
+                let (bh, mut n) = (row / n_out, row % n_out);
+                let (bi, h) = (bh / heads, bh % heads);
+                let mut s = first;
+                while n >= srcs[s].0 {
+                    n -= srcs[s].0;
+                    s += 1;
+                }
+                let (len, qkv, qw, kw, rope) = srcs[s];
+                let x = &qkv[((bi * len + n) * 3 + part) * hd + h * d..][..d];
+                if part == 2 {
+                    o.copy_from_slice(x);
+                    return;
+                }
+                let w = if part == 0 { qw } else { kw };
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (ms + RmsNorm::EPS).sqrt();
+                for i in 0..d {
+                    o[i] = x[i] * inv * w[i];
+                }
+                if let Some((cos, sin)) = rope {
+                    let (cos, sin) = (&cos[n * d / 2..][..d / 2], &sin[n * d / 2..][..d / 2]);
+                    for p in 0..d / 2 {
+                        let (x0, x1) = (o[2 * p], o[2 * p + 1]);
+                        o[2 * p] = x0 * cos[p] - x1 * sin[p];
+                        o[2 * p + 1] = x0 * sin[p] + x1 * cos[p];
+                    }
+                }
+            });
+            out
+        };
+        Ok((fill(0, q_from, n_q), fill(1, 0, n_all), fill(2, 0, n_all)))
+    })?;
+    let dev = streams[0].qkv.device();
+    Ok((
+        Tensor::from_vec(q, (b, heads, n_q, d), dev)?,
+        Tensor::from_vec(k, (b, heads, n_all, d), dev)?,
+        Tensor::from_vec(v, (b, heads, n_all, d), dev)?,
+    ))
 }
 
 /// `(B, H, Lq, Lk, d)` of `q (B, H, Lq, d)` and `k, v (B, H, Lk, d)`, or an error naming the shapes.
@@ -261,35 +406,10 @@ fn exp_shifted_sum(row: &mut [f32]) -> f32 {
     chunks.remainder().iter().chain(&sums).sum()
 }
 
-/// exp(x) for x <= 0 to ~1 ulp, branch-free so loops over it vectorise: x = n ln2 + r with
-/// |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by its degree-6 minimax polynomial (the
-/// Cephes `expf` coefficients), 2^n by building the exponent bits with integer ops only.
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: in `x * LOG2E + ROUND` the integer n = round(x log2 e) sits in the low
-    // mantissa bits, so the bits of the sum minus those of ROUND are n.
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x > -87.0 { x } else { -87.0 }; // keeps 2^n normal; exp(-87) ~ 1.6e-38
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    let two_n = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
-    e * f32::from_bits(two_n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::layers::RmsNorm;
     use candle_core::{Device, D};
 
     fn sdpa_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -343,14 +463,54 @@ mod tests {
     }
 
     #[test]
-    fn vectorised_exp_matches_libm() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let rel = ((exp_f32(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
+    fn fused_qkv_heads_equal_the_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, heads, d) = (2, 3, 8);
+        let norm = |name: &str| -> Result<RmsNorm> {
+            let w = Tensor::randn(1f32, 0.2, d, &dev)?;
+            let vb = candle_nn::VarBuilder::from_tensors(
+                [("weight".to_string(), w)].into(),
+                DType::F32,
+                &dev,
+            );
+            RmsNorm::new(vb, d).map_err(|e| e.context(name.to_string()))
+        };
+        let (qn_y, kn_y, qn_x, kn_x) = (norm("qy")?, norm("ky")?, norm("qx")?, norm("kx")?);
+        let (nt, l) = (5, 7);
+        let qkv_y = Tensor::randn(0f32, 1., (b, nt, 3 * heads * d), &dev)?;
+        let qkv_x = Tensor::randn(0f32, 1., (b, l, 3 * heads * d), &dev)?;
+        let table = |n: usize| Tensor::randn(0f32, 1., (n, d / 2), &dev);
+        let rope = Rope::from((table(l)?, table(l)?));
+        let text_rope = Rope::from((table(nt)?, table(nt)?));
+        for y_rope in [None, Some(&text_rope)] {
+            let streams = [
+                QkvStream {
+                    qkv: &qkv_y,
+                    q_norm: &qn_y,
+                    k_norm: &kn_y,
+                    rope: y_rope,
+                },
+                QkvStream {
+                    qkv: &qkv_x,
+                    q_norm: &qn_x,
+                    k_norm: &kn_x,
+                    rope: Some(&rope),
+                },
+            ];
+            for q_from in [0, 1] {
+                let fused = qkv_heads(&streams, heads, q_from)?;
+                let ops = qkv_heads_ops(&streams, heads, q_from)?;
+                for (got, want) in [(fused.0, ops.0), (fused.1, ops.1), (fused.2, ops.2)] {
+                    assert_eq!(got.dims(), want.dims());
+                    let err = max_abs(&got, &want)?;
+                    assert!(
+                        err < 1e-5,
+                        "text rope {}, q_from {q_from}: {err}",
+                        y_rope.is_some()
+                    );
+                }
+            }
         }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_f32(0.0), 1.0);
+        Ok(())
     }
 }

@@ -4,14 +4,14 @@
 //! memory) and are cast to the activation dtype at use: candle's CPU matmul has no bf16.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor,
-    WithDType, D,
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D,
 };
 use candle_nn::VarBuilder;
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels;
+use crate::kernels::cpu::cpu_slice;
 pub use crate::kernels::gated_add;
 
 /// `param` in the dtype of the activations `x`. A forward casts every bf16 weight once and
@@ -21,21 +21,6 @@ pub fn cast_param(param: &Tensor, x: &Tensor) -> Result<Tensor> {
         param.contiguous()?.apply_op1_no_bwd(&ParallelBf16ToF32)
     } else {
         param.to_dtype(x.dtype())
-    }
-}
-
-/// The elements of a CPU custom op's operand as `&[T]`: it must be contiguous and of dtype `T`.
-pub(crate) fn cpu_slice<'a, T: WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("{op} needs contiguous operands")
-    };
-    match storage.as_slice::<T>() {
-        Ok(data) => Ok(&data[start..end]),
-        Err(_) => bail!("{op} expects {:?} operands", T::DTYPE),
     }
 }
 
@@ -202,6 +187,10 @@ impl RmsNorm {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
         })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 }
 

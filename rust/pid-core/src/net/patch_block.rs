@@ -7,9 +7,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{apply_rope, merge_heads, sdpa, split_heads, AttentionBudget};
+use super::attention::{merge_heads, qkv_heads, sdpa, AttentionBudget, QkvStream};
 use super::layers::{chunk_last, gated_add, map_row_chunks, Linear, RmsNorm};
 use super::{JointRope, Rope};
+use crate::kernels;
 
 /// Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
 const TOKEN_ROWS: usize = 8192;
@@ -37,14 +38,16 @@ impl Module for FeedForward {
         let (b, l, d) = x.dims3()?;
         let rows = x.reshape((b * l, d))?;
         map_row_chunks(&rows, TOKEN_ROWS, |r, _| {
-            self.w2
-                .forward(&(self.w1.forward(r)?.silu()? * self.w3.forward(r)?)?)
+            self.w2.forward(&kernels::swiglu(
+                &self.w1.forward(r)?,
+                &self.w3.forward(r)?,
+            )?)
         })?
         .reshape((b, l, d))
     }
 }
 
-/// One stream's half of the joint attention: QKV projection, per-head q/k RMSNorm, output projection.
+/// One stream's half of the joint attention: QKV projection and per-head q/k RMSNorm.
 #[derive(Debug, Clone)]
 struct StreamQkv {
     qkv: Linear,
@@ -53,25 +56,13 @@ struct StreamQkv {
 }
 
 impl StreamQkv {
-    /// `x (B, N, D)` -> q, k, v each `(B, H, N, d)`, q and k normed and rotated.
-    fn forward(
-        &self,
-        x: &Tensor,
-        heads: usize,
-        rope: Option<&Rope>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = self.qkv.forward(x)?;
-        let parts = chunk_last(&qkv, 3)?;
-        let q = split_heads(&parts[0], heads)?.apply(&self.q_norm)?;
-        let k = split_heads(&parts[1], heads)?.apply(&self.k_norm)?;
-        let v = split_heads(&parts[2], heads)?;
-        match rope {
-            Some(r) => Ok((
-                apply_rope(&q, &r.cos, &r.sin)?,
-                apply_rope(&k, &r.cos, &r.sin)?,
-                v,
-            )),
-            None => Ok((q, k, v)),
+    /// This stream's projection `qkv (B, N, 3D)` as attention input rotated by `rope`.
+    fn project<'a>(&'a self, qkv: &'a Tensor, rope: Option<&'a Rope>) -> QkvStream<'a> {
+        QkvStream {
+            qkv,
+            q_norm: &self.q_norm,
+            k_norm: &self.k_norm,
+            rope,
         }
     }
 }
@@ -148,18 +139,19 @@ impl PatchBlock {
 
         let xn = self.norm_x1.forward_modulated(x, &mx[0], &mx[1])?;
         let yn = self.norm_y1.forward_modulated(y, &my[0], &my[1])?;
-        let (qx, kx, vx) = self.attn_x.forward(&xn, self.heads, Some(&rope.image))?;
-        let (qy, ky, vy) = self.attn_y.forward(&yn, self.heads, rope.text.as_ref())?;
-        let nt = y.dim(1)?;
-        let k = Tensor::cat(&[&ky, &kx], 2)?;
-        let v = Tensor::cat(&[&vy, &vx], 2)?;
-
+        let (qkv_x, qkv_y) = (self.attn_x.qkv.forward(&xn)?, self.attn_y.qkv.forward(&yn)?);
+        // Joint attention over [text; image]; the last block needs only the image queries.
+        let streams = [
+            self.attn_y.project(&qkv_y, rope.text.as_ref()),
+            self.attn_x.project(&qkv_x, Some(&rope.image)),
+        ];
+        let (q, k, v) = qkv_heads(&streams, self.heads, if text_out { 0 } else { 1 })?;
+        let out = sdpa(&q, &k, &v, budget)?;
+        let (nt, lx) = (y.dim(1)?, x.dim(1)?);
         let (attn_x, attn_y) = if text_out {
-            let out = sdpa(&Tensor::cat(&[&qy, &qx], 2)?, &k, &v, budget)?;
-            let lx = out.dim(2)? - nt;
             (out.narrow(2, nt, lx)?, Some(out.narrow(2, 0, nt)?))
         } else {
-            (sdpa(&qx, &k, &v, budget)?, None)
+            (out, None)
         };
 
         let x = gated_add(x, &mx[2], &self.proj_x.forward(&merge_heads(&attn_x)?)?)?;

@@ -12,9 +12,10 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Module, Result, Sh
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::attention::{apply_rope, exp_f32, merge_heads, sdpa, split_heads, AttentionBudget};
-use super::layers::{chunk_last, cpu_slice, gated_add, map_row_chunks, Linear, RmsNorm};
+use super::attention::{merge_heads, qkv_heads, sdpa, AttentionBudget, QkvStream};
+use super::layers::{gated_add, map_row_chunks, Linear, RmsNorm};
 use super::Rope;
+use crate::kernels::cpu::{cpu_slice, exp_f32};
 
 /// Patches processed at once in the token-local passes.
 const PATCH_ROWS: usize = 1024;
@@ -117,12 +118,13 @@ struct PixelAttention {
 
 impl PixelAttention {
     fn forward(&self, x: &Tensor, rope: &Rope, budget: AttentionBudget) -> Result<Tensor> {
-        let parts = chunk_last(&self.qkv.forward(x)?, 3)?;
-        let q = split_heads(&parts[0], self.heads)?.apply(&self.q_norm)?;
-        let k = split_heads(&parts[1], self.heads)?.apply(&self.k_norm)?;
-        let v = split_heads(&parts[2], self.heads)?;
-        let q = apply_rope(&q, &rope.cos, &rope.sin)?;
-        let k = apply_rope(&k, &rope.cos, &rope.sin)?;
+        let stream = QkvStream {
+            qkv: &self.qkv.forward(x)?,
+            q_norm: &self.q_norm,
+            k_norm: &self.k_norm,
+            rope: Some(rope),
+        };
+        let (q, k, v) = qkv_heads(&[stream], self.heads, 0)?;
         self.proj.forward(&merge_heads(&sdpa(&q, &k, &v, budget)?)?)
     }
 }
