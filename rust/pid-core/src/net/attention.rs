@@ -34,9 +34,11 @@ impl AttentionBudget {
     }
 
     /// Query rows per task of the fused CPU kernel: each of `threads` tasks holds one
-    /// `(rows, lk)` f32 score block, softmaxed in place; at most 64 so tasks stay many.
+    /// `(rows, lk)` f32 score block, softmaxed in place. gemm packs K and V again for every
+    /// block, so taller blocks amortise that (128 rows ran 10-15% faster than 64 at 4k-17k
+    /// keys); at most 128 so tasks stay many.
     fn fused_rows(&self, threads: usize, lk: usize) -> usize {
-        (self.0 / (threads * lk * 4).max(1)).clamp(1, 64)
+        (self.0 / (threads * lk * 4).max(1)).clamp(1, 128)
     }
 }
 
@@ -514,3 +516,4 @@ mod tests {
         Ok(())
     }
 }
+
