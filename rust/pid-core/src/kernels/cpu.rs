@@ -230,9 +230,15 @@ impl CustomOp3 for SigmaGate {
             let offset = self.offset[r / l];
             let (s, f) = (&s[r * d..][..d], &f[r * d..][..d]);
             let logit = &logit[r * gw..][..gw];
-            for i in 0..d {
-                let g = sigmoid_f32(logit[if gw == 1 { 0 } else { i }] - offset);
-                o[i] = s[i] + f[i] * g;
+            if gw == 1 {
+                let g = sigmoid_f32(logit[0] - offset);
+                for i in 0..d {
+                    o[i] = s[i] + f[i] * g;
+                }
+            } else {
+                for i in 0..d {
+                    o[i] = s[i] + f[i] * sigmoid_f32(logit[i] - offset);
+                }
             }
         });
         Ok((CpuStorage::F32(out), sl.shape().clone()))

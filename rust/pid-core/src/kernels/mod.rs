@@ -56,6 +56,11 @@ fn use_cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// `t` as a contiguous f32 operand of a [`cpu`] kernel.
+fn f32_operand(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
 /// Rows of `x` per modulation row, checking that `m_elems` modulation values cover `rows x d`.
 fn rows_per_mod(what: &str, rows: usize, d: usize, m_elems: usize) -> Result<usize> {
     let m = m_elems / d.max(1);
@@ -82,14 +87,13 @@ pub fn rms_norm_modulate(
         return cuda::rms_norm_modulate(x, weight, shift, scale, eps);
     }
     if use_cpu_kernel(x) {
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let op = cpu::RmsNormModulate {
             weight: weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
             eps,
         };
         return x
             .contiguous()?
-            .apply_op3_no_bwd(&f32s(shift)?, &f32s(scale)?, &op);
+            .apply_op3_no_bwd(&f32_operand(shift)?, &f32_operand(scale)?, &op);
     }
     rms_norm_modulate_ops(x, weight, shift, scale, eps)
 }
@@ -114,10 +118,11 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         return cuda::gated_add(x, gate, y);
     }
     if use_cpu_kernel(x) {
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-        return x
-            .contiguous()?
-            .apply_op3_no_bwd(&f32s(gate)?, &f32s(y)?, &cpu::GatedAdd);
+        return x.contiguous()?.apply_op3_no_bwd(
+            &f32_operand(gate)?,
+            &f32_operand(y)?,
+            &cpu::GatedAdd,
+        );
     }
     gated_add_ops(x, gate, y)
 }
@@ -135,13 +140,12 @@ pub fn sigma_gate(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
         return cuda::sigma_gate(s, f, logit, offset);
     }
     if use_cpu_kernel(s) {
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let op = cpu::SigmaGate {
             offset: offset.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
         };
         return s
             .contiguous()?
-            .apply_op3_no_bwd(&f32s(f)?, &f32s(logit)?, &op);
+            .apply_op3_no_bwd(&f32_operand(f)?, &f32_operand(logit)?, &op);
     }
     sigma_gate_ops(s, f, logit, offset)
 }
