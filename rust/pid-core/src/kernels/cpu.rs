@@ -10,7 +10,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::rows_per_mod;
+use super::{last_dim, rows_per_mod};
 
 /// The elements of a CPU custom op's operand as `&[T]`: it must be contiguous and of dtype `T`.
 pub(crate) fn cpu_slice<'a, T: WithDType>(
@@ -82,6 +82,20 @@ fn sigmoid_f32(x: f32) -> f32 {
     num / (1.0 + e)
 }
 
+/// The elements of `t` (any device, dtype and shape) as f32 values: a kernel's small
+/// parameters (norm weights, biases, per-image offsets).
+pub(crate) fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// `1 / sqrt(mean(x^2) + eps)`, the scale of an RMSNorm over `x`.
+#[inline]
+pub(crate) fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
 /// About this many elements per rayon task: large enough to amortise scheduling, small
 /// enough to balance two to sixteen cores on a 512² PiT chunk.
 const TASK_ELEMS: usize = 1 << 15;
@@ -96,10 +110,6 @@ pub(crate) fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) 
                 f(task * rows_per_task + i, row);
             }
         });
-}
-
-fn last_dim(l: &Layout) -> usize {
-    l.dims().last().copied().unwrap_or(1)
 }
 
 /// See [`super::rms_norm_modulate`].
@@ -141,7 +151,7 @@ impl CustomOp3 for RmsNormModulate {
             let x = &x[r * d..(r + 1) * d];
             let m = (r / per_mod) * d;
             let (shift, scale) = (&shift[m..m + d], &scale[m..m + d]);
-            let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            let inv = inv_rms(x, self.eps);
             for i in 0..d {
                 o[i] = x[i] * inv * self.weight[i] * (1.0 + scale[i]) + shift[i];
             }

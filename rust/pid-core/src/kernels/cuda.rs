@@ -12,7 +12,7 @@ use candle_core::{
 };
 use half::bf16;
 
-use super::{gated_add_ops, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops};
+use super::{gated_add_ops, last_dim, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops};
 use crate::noise::{self, Stream};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pid_kernels.ptx"));
@@ -53,11 +53,8 @@ fn stride_config(n: usize) -> LaunchConfig {
     }
 }
 
-fn last_dim(l: &Layout) -> usize {
-    l.dims().last().copied().unwrap_or(1)
-}
-
-/// Custom ops run on the GPU only; the CPU never reaches them (see `use_kernel`).
+/// These custom ops run on the GPU only; on the CPU the dispatchers in `mod.rs` pick the
+/// `cpu` kernels or the candle-ops twins.
 macro_rules! no_cpu {
     () => {
         fn cpu_fwd(
@@ -70,7 +67,7 @@ macro_rules! no_cpu {
             _: &Layout,
         ) -> Result<(candle_core::CpuStorage, Shape)> {
             bail!(
-                "{} is a CUDA kernel; the CPU runs its candle-ops twin",
+                "{} is a CUDA kernel; the CPU runs its own kernel or the candle-ops twin",
                 self.name()
             )
         }

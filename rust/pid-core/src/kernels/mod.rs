@@ -51,14 +51,20 @@ fn use_kernel(t: &Tensor) -> bool {
         && enabled()
 }
 
-/// Whether an op on `t` runs a [`cpu`] kernel.
-fn use_cpu_kernel(t: &Tensor) -> bool {
+/// Whether an op on `t` runs a CPU kernel (ours in [`cpu`], or the fused attention and
+/// matvec in `net`).
+pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// `t` as a contiguous f32 operand of a [`cpu`] kernel.
 fn f32_operand(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// The last axis of a custom op's operand (1 for a scalar).
+fn last_dim(l: &candle_core::Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
 }
 
 /// Rows of `x` per modulation row, checking that `m_elems` modulation values cover `rows x d`.
@@ -88,7 +94,7 @@ pub fn rms_norm_modulate(
     }
     if use_cpu_kernel(x) {
         let op = cpu::RmsNormModulate {
-            weight: weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            weight: cpu::f32_vec(weight)?,
             eps,
         };
         return x
@@ -141,7 +147,7 @@ pub fn sigma_gate(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
     }
     if use_cpu_kernel(s) {
         let op = cpu::SigmaGate {
-            offset: offset.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            offset: cpu::f32_vec(offset)?,
         };
         return s
             .contiguous()?

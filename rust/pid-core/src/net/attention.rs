@@ -14,7 +14,8 @@ use rayon::prelude::*;
 
 use super::layers::{chunk_last, RmsNorm};
 use super::Rope;
-use crate::kernels::cpu::{cpu_slice, exp_f32, for_rows, with_f32_slices};
+use crate::kernels::cpu::{cpu_slice, exp_f32, for_rows, inv_rms, with_f32_slices};
+use crate::kernels::use_cpu_kernel;
 
 /// Upper bound on the bytes one score block may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ impl AttentionBudget {
 
 /// softmax(q k^T / sqrt(d)) v for `q (B, H, Lq, d)`, `k, v (B, H, Lk, d)`; returns `(B, H, Lq, d)`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, budget: AttentionBudget) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if use_cpu_kernel(q) {
         let op = FusedCpuAttention {
             scale: 1.0 / (q.dim(3)? as f32).sqrt(),
             rows: budget.fused_rows(rayon::current_num_threads(), k.dim(2)?),
@@ -123,11 +124,8 @@ pub fn qkv_heads(
     heads: usize,
     q_from: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let qkv = streams.first().map(|s| s.qkv);
-    match qkv {
-        Some(t) if t.device().is_cpu() && t.dtype() == DType::F32 => {
-            qkv_heads_cpu(streams, heads, q_from)
-        }
+    match streams.first() {
+        Some(s) if use_cpu_kernel(s.qkv) => qkv_heads_cpu(streams, heads, q_from),
         _ => qkv_heads_ops(streams, heads, q_from),
     }
 }
@@ -222,8 +220,7 @@ fn qkv_heads_cpu(
                     return;
                 }
                 let w = if part == 0 { qw } else { kw };
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let inv = 1.0 / (ms + RmsNorm::EPS).sqrt();
+                let inv = inv_rms(x, RmsNorm::EPS);
                 for i in 0..d {
                     o[i] = x[i] * inv * w[i];
                 }

@@ -11,7 +11,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels;
-use crate::kernels::cpu::cpu_slice;
+use crate::kernels::cpu::{cpu_slice, f32_vec};
 pub use crate::kernels::gated_add;
 
 /// `param` in the dtype of the activations `x`. A forward casts every bf16 weight once and
@@ -84,12 +84,11 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let y = if rows <= MATVEC_ROWS
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
+            && kernels::use_cpu_kernel(x)
             && self.weight.dtype() == DType::BF16
         {
             let bias = match &self.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                Some(b) => Some(f32_vec(b)?),
                 None => None,
             };
             x2.contiguous()?

@@ -8,14 +8,15 @@
 
 use std::f32::consts::FRAC_1_SQRT_2;
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention::{merge_heads, qkv_heads, sdpa, AttentionBudget, QkvStream};
 use super::layers::{gated_add, map_row_chunks, Linear, RmsNorm};
 use super::Rope;
-use crate::kernels::cpu::{cpu_slice, exp_f32};
+use crate::kernels::cpu::{cpu_slice, exp_f32, f32_vec};
+use crate::kernels::use_cpu_kernel;
 
 /// Patches processed at once in the token-local passes.
 const PATCH_ROWS: usize = 1024;
@@ -31,15 +32,14 @@ struct Mlp {
 
 impl Mlp {
     fn new(fc1: Linear, fc2: Linear) -> Result<Self> {
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let bias = |l: &Linear| match l.bias() {
-            Some(b) => f32s(b),
+            Some(b) => f32_vec(b),
             None => Ok(vec![0.0; l.out_dim()]),
         };
         let fused = PixelMlp {
-            w1_t: f32s(&fc1.weight().t()?)?,
+            w1_t: f32_vec(&fc1.weight().t()?)?,
             b1: bias(&fc1)?,
-            w2_t: f32s(&fc2.weight().t()?)?,
+            w2_t: f32_vec(&fc2.weight().t()?)?,
             b2: bias(&fc2)?,
         };
         Ok(Self { fc1, fc2, fused })
@@ -53,7 +53,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if use_cpu_kernel(x) {
             // Two matmuls with 16-wide operands are mostly packing overhead and a 4x wider
             // intermediate; per pixel the whole MLP fits in registers.
             return x.contiguous()?.apply_op1_no_bwd(&self.fused);
