@@ -91,7 +91,8 @@ pub fn forward_bytes(cfg: &NetConfig, h: usize, w: usize, dt: DTypes) -> u64 {
     let pixel = 3 * l * p2 * pd * a
         + 8 * l * cfg.pixel_attn_hidden_size as u64 * a
         + 6 * 1024 * p2 * pd * a;
-    // The largest weight upcast to the activation dtype at use.
+    // The largest weight widened at use: packed for the CPU GEMM (its buffer is kept for the
+    // next layer) or cast for candle's matmul.
     let upcast = (6 * p2 * pd) * d * a;
     // LQ trunk (computed once per conditioning): activations and the 3x3 im2col buffer.
     let trunk = l * cfg.lq_hidden_dim as u64 * a * 12;
