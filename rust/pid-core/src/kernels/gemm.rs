@@ -203,8 +203,6 @@ pub(crate) fn matmul(x: &Product, b: &PackedB, c: &mut [f32], ldc: usize, parall
         return;
     }
     let panels = n.div_ceil(NR);
-    // Enough tasks for every thread, in whole register tiles; narrow the column range when
-    // there are too few rows to go round.
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
