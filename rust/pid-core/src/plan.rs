@@ -162,16 +162,23 @@ pub fn plan(
     if whole <= budget {
         return Ok(mk(h, w, whole));
     }
-    // Largest aligned square tile that fits, never below the minimum.
+    // The fewest tiles per axis that fit, each the smallest aligned square that count
+    // allows (neighbours share TILE_OVERLAP). A larger tile of the same count only widens
+    // the overlap: more work (attention grows with the square of the tokens: 4 tiles of
+    // 3520² where 2176² do at 4096²) and a higher peak. `tile=` forces larger tiles.
     let min_edge = MIN_TILE_EDGE.div_ceil(align) * align;
-    let mut edge = h.max(w) / align * align;
-    while edge >= min_edge {
+    let long = h.max(w);
+    for per_axis in 2.. {
+        let cover = (long + (per_axis - 1) * TILE_OVERLAP).div_ceil(per_axis);
+        let edge = (cover.div_ceil(align) * align).max(min_edge);
         let (eh, ew) = (edge.min(h), edge.min(w));
         let peak = resident + forward_bytes(cfg, eh, ew, dt);
         if peak <= budget {
             return Ok(mk(eh, ew, peak));
         }
-        edge -= align;
+        if edge == min_edge {
+            break;
+        }
     }
     let (eh, ew) = (min_edge.min(h), min_edge.min(w));
     let needed = resident + forward_bytes(cfg, eh, ew, dt);
@@ -260,6 +267,23 @@ mod tests {
         let whole = resident_bytes(&cfg, 1, 4096, 4096, F32) + forward_bytes(&cfg, 4096, 4096, F32);
         let p = plan(&cfg, 1, 4096, 4096, F32, whole - 1, None).unwrap();
         assert!(p.tiles.len() > 1 && p.predicted_peak_bytes < whole);
+        // Two tiles per axis fit, so two it is, each just large enough to cover its half
+        // plus the shared overlap: (4096 + 256) / 2.
+        let edges: Vec<_> = p.tiles.iter().map(|t| (t.y, t.x, t.h, t.w)).collect();
+        assert_eq!(
+            edges,
+            [
+                (0, 0, 2176, 2176),
+                (0, 1920, 2176, 2176),
+                (1920, 0, 2176, 2176),
+                (1920, 1920, 2176, 2176)
+            ]
+        );
+        // A budget that two per axis exceed: three per axis of (4096 + 2 * 256) / 3.
+        let three = resident_bytes(&cfg, 1, 4096, 4096, F32) + forward_bytes(&cfg, 1536, 1536, F32);
+        let p = plan(&cfg, 1, 4096, 4096, F32, three, None).unwrap();
+        assert_eq!(p.tiles.len(), 9);
+        assert!(p.tiles.iter().all(|t| (t.h, t.w) == (1536, 1536)));
         let err = plan(&cfg, 1, 4096, 4096, F32, 1 << 30, None).unwrap_err();
         assert_eq!(err.code(), "memory_budget");
     }

@@ -62,16 +62,27 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = if x > -87.0 { x } else { -87.0 }; // keeps 2^n normal; exp(-87) ~ 1.6e-38
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = mul_add(-n, LN2_LO, mul_add(-n, LN2_HI, x));
     let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
+    let p = mul_add(p, r, 1.398_199_9e-3);
+    let p = mul_add(p, r, 8.333_452e-3);
+    let p = mul_add(p, r, 4.166_579_6e-2);
+    let p = mul_add(p, r, 1.666_666_5e-1);
+    let p = mul_add(p, r, 0.5);
+    let e = mul_add(p, r * r, r + 1.0);
     let two_n = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
     e * f32::from_bits(two_n)
+}
+
+/// `a * b + c`, fused where the target has FMA (one instruction, one rounding; without
+/// hardware FMA `mul_add` would call the C library's slow software fma).
+#[inline(always)]
+fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(any(target_feature = "fma", target_arch = "aarch64")) {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// `1 / (1 + exp(-x))`, branch-free: exp only ever sees `-|x|`.

@@ -1,8 +1,9 @@
 //! Scaled dot-product attention with bounded score memory (pid_spec §3.1, §7).
 //!
 //! No mask anywhere in PiD. On the CPU (f32) one fused kernel computes each block of query
-//! rows against all keys, softmax included, on one thread per block: scores never leave a
-//! per-thread scratch of `rows x Lk`, and the softmax's exponentials are vectorised. Elsewhere
+//! rows against the keys a block at a time with an online softmax, on one thread per query
+//! block: scores never leave a per-thread scratch of `rows x key block`, and the softmax's
+//! exponentials are vectorised. Elsewhere
 //! queries are processed in chunks of candle ops so the `(B, H, chunk, Lk)` score block never
 //! exceeds [`AttentionBudget`]; at a 4096² decode the full patch-block score matrix would be
 //! ~200 GB.
@@ -34,27 +35,33 @@ impl AttentionBudget {
         (self.0 / (2 * bh * lk * elem_bytes).max(1)).max(1)
     }
 
-    /// Query rows per task of the fused CPU kernel: each of `threads` tasks holds one
-    /// `(rows, lk)` f32 score block, softmaxed in place. With our GEMM (K and V packed once
-    /// per head) short blocks keep the scores in cache: 24 rows (four register tiles) ran
-    /// 70 GF/s at 4396 keys against 63-65 for 48-128; the gemm crate packs K and V again
-    /// for every block, so there taller blocks amortise it (128 rows ran 10-15% faster than 64).
-    fn fused_rows(&self, threads: usize, lk: usize) -> usize {
-        let most = if gemm::available() { 24 } else { 128 };
-        (self.0 / (threads * lk * 4).max(1)).clamp(1, most)
+    /// Query rows and keys per block of the fused CPU kernel: each of `threads` tasks holds
+    /// one `(rows, keys)` f32 score block. With our GEMM (keys and values packed once per
+    /// head, in blocks) 96 queries x 512 keys (192 KB, in L2) ran 66-84 GF/s at 16684 keys
+    /// (2048²) where whole-row blocks of 24 queries ran 64-68, and 71-86 against 70-81 at
+    /// 4396 keys (1024²). The gemm crate packs its operands again for every call, so there
+    /// one block of all keys and up to 128 rows amortise it (128 ran 10-15% faster than 64).
+    fn fused_block(&self, threads: usize, lk: usize) -> (usize, usize) {
+        let (most_rows, keys) = if gemm::available() {
+            (96, lk.min(512))
+        } else {
+            (128, lk)
+        };
+        let rows = (self.0 / (threads * keys * 4).max(1)).clamp(1, most_rows);
+        (rows, keys.max(1))
     }
 }
 
 /// softmax(q k^T / sqrt(d)) v for `q (B, H, Lq, d)`, `k, v (B, H, Lk, d)`; returns `(B, H, Lq, d)`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, budget: AttentionBudget) -> Result<Tensor> {
     if use_cpu_kernel(q) {
+        let (rows, key_block) = budget.fused_block(rayon::current_num_threads(), k.dim(2)?);
         let op = FusedCpuAttention {
             scale: 1.0 / (q.dim(3)? as f32).sqrt(),
-            rows: budget.fused_rows(rayon::current_num_threads(), k.dim(2)?),
+            rows,
+            key_block,
         };
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+        return op.apply(q, k, v);
     }
     if crate::kernels::flash_attention_applies(q) {
         return crate::kernels::flash_attention(q, k, v);
@@ -266,15 +273,25 @@ pub(crate) fn attention_dims(
     Ok((b, h, lq, lk, d))
 }
 
-/// The CPU kernel behind [`sdpa`]: one task per (batch-head, block of `rows` queries).
+/// The CPU kernel behind [`sdpa`]: one task per (batch-head, block of `rows` queries), each
+/// walking the keys `key_block` at a time.
 struct FusedCpuAttention {
     scale: f32,
     rows: usize,
+    key_block: usize,
 }
 
 thread_local! {
-    /// Per-thread score scratch, reused across blocks and calls.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch of one key block's scores and its share of the output, reused
+    /// across blocks and calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl FusedCpuAttention {
+    fn apply(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        q.contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, self)
+    }
 }
 
 impl CustomOp3 for FusedCpuAttention {
@@ -305,6 +322,7 @@ impl CustomOp3 for FusedCpuAttention {
                     &k[bh * lk * d..(bh + 1) * lk * d],
                     &v[bh * lk * d..(bh + 1) * lk * d],
                     d,
+                    self.key_block,
                 );
                 out_bh
                     .par_chunks_mut(self.rows * d)
@@ -318,30 +336,43 @@ impl CustomOp3 for FusedCpuAttention {
     }
 }
 
-/// One batch-head's keys and values `(lk, d)`: packed once for our GEMM where it runs,
-/// otherwise as they are for the gemm crate (which packs them again for every block).
-enum Keys<'a> {
+/// One batch-head's keys and values `(lk, d)` in blocks: for our GEMM, packed once in
+/// blocks of `key_block` keys, so a block's scores stay in cache however many keys there
+/// are; for the gemm crate, one block of all keys as they are.
+struct Keys<'a> {
+    blocks: Vec<KeyBlock<'a>>,
+}
+
+enum KeyBlock<'a> {
     Packed { k: gemm::PackedB, v: gemm::PackedB },
     Plain { k: &'a [f32], v: &'a [f32] },
 }
 
 impl<'a> Keys<'a> {
-    fn new(k: &'a [f32], v: &'a [f32], d: usize) -> Self {
-        if gemm::available() {
-            let lk = k.len() / d;
-            Keys::Packed {
-                k: gemm::PackedB::from_transposed(k, lk, d, Vec::new()),
-                v: gemm::PackedB::from_rows(v, lk, d, Vec::new()),
-            }
+    fn new(k: &'a [f32], v: &'a [f32], d: usize, key_block: usize) -> Self {
+        let blocks = if gemm::available() {
+            k.chunks(key_block * d)
+                .zip(v.chunks(key_block * d))
+                .map(|(k, v)| {
+                    let lk = k.len() / d;
+                    KeyBlock::Packed {
+                        k: gemm::PackedB::from_transposed(k, lk, d, Vec::new()),
+                        v: gemm::PackedB::from_rows(v, lk, d, Vec::new()),
+                    }
+                })
+                .collect()
         } else {
-            Keys::Plain { k, v }
-        }
+            vec![KeyBlock::Plain { k, v }]
+        };
+        Self { blocks }
     }
+}
 
+impl KeyBlock<'_> {
     fn len(&self, d: usize) -> usize {
         match self {
-            Keys::Packed { k, .. } => k.n(),
-            Keys::Plain { k, .. } => k.len() / d,
+            KeyBlock::Packed { k, .. } => k.n(),
+            KeyBlock::Plain { k, .. } => k.len() / d,
         }
     }
 
@@ -349,7 +380,7 @@ impl<'a> Keys<'a> {
     fn scores(&self, q: &[f32], scores: &mut [f32], d: usize, scale: f32) {
         let (r, lk) = (q.len() / d, self.len(d));
         match self {
-            Keys::Packed { k, .. } => {
+            KeyBlock::Packed { k, .. } => {
                 let q = gemm::Product {
                     a: q,
                     lda: d,
@@ -361,7 +392,7 @@ impl<'a> Keys<'a> {
             }
             // SAFETY: every pointer/stride pair addresses a slice of exactly the stated
             // shape: scores (r, lk) row-major, q (r, d), k read as k^T (d, lk).
-            Keys::Plain { k, .. } => unsafe {
+            KeyBlock::Plain { k, .. } => unsafe {
                 ::gemm::gemm(
                     r,
                     lk,
@@ -391,7 +422,7 @@ impl<'a> Keys<'a> {
     fn values(&self, p: &[f32], out: &mut [f32], d: usize) {
         let (lk, r) = (self.len(d), out.len() / d);
         match self {
-            Keys::Packed { v, .. } => {
+            KeyBlock::Packed { v, .. } => {
                 let p = gemm::Product {
                     a: p,
                     lda: lk,
@@ -402,7 +433,7 @@ impl<'a> Keys<'a> {
                 gemm::matmul(&p, v, out, d, false);
             }
             // SAFETY: p (r, lk), v (lk, d) and out (r, d), all row-major.
-            Keys::Plain { v, .. } => unsafe {
+            KeyBlock::Plain { v, .. } => unsafe {
                 ::gemm::gemm(
                     r,
                     d,
@@ -429,26 +460,50 @@ impl<'a> Keys<'a> {
     }
 }
 
-/// `out (r, d) = softmax(scale * q (r, d) k^T) v` for `k, v (lk, d)`, single-threaded.
+/// `out (r, d) = softmax(scale * q (r, d) k^T) v`, single-threaded, one key block at a
+/// time: each row keeps its running max and sum, and the output so far is rescaled when a
+/// block raises the max (the online softmax of flash attention).
 fn attend_block(q: &[f32], keys: &Keys, out: &mut [f32], d: usize, scale: f32) {
-    let (r, lk) = (q.len() / d, keys.len(d));
-    SCORES.with_borrow_mut(|scores| {
-        scores.resize(r * lk, 0.0);
-        keys.scores(q, scores, d, scale);
-        let mut sums = Vec::with_capacity(r);
-        for row in scores.chunks_exact_mut(lk) {
-            sums.push(exp_shifted_sum(row));
-        }
-        keys.values(scores, out, d);
-        for (row, sum) in out.chunks_exact_mut(d).zip(sums) {
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
+    let r = q.len() / d;
+    let (mut max, mut sum, mut rescale) =
+        (vec![f32::NEG_INFINITY; r], vec![0f32; r], vec![0f32; r]);
+    SCRATCH.with_borrow_mut(|(scores, part)| {
+        for (i, block) in keys.blocks.iter().enumerate() {
+            let lk = block.len(d);
+            scores.resize(r * lk, 0.0);
+            block.scores(q, scores, d, scale);
+            for (row, ((m, s), c)) in scores
+                .chunks_exact_mut(lk)
+                .zip(max.iter_mut().zip(&mut sum).zip(&mut rescale))
+            {
+                let new_max = m.max(row_max(row));
+                *c = exp_f32(*m - new_max);
+                *s = *s * *c + exp_shifted_sum(row, new_max);
+                *m = new_max;
+            }
+            if i == 0 {
+                block.values(scores, out, d);
+                continue;
+            }
+            part.resize(r * d, 0.0);
+            block.values(scores, part, d);
+            for ((o, p), c) in out
+                .chunks_exact_mut(d)
+                .zip(part.chunks_exact(d))
+                .zip(&rescale)
+            {
+                o.iter_mut().zip(p).for_each(|(o, p)| *o = *o * c + p);
+            }
         }
     });
+    for (row, s) in out.chunks_exact_mut(d).zip(sum) {
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
 }
 
-/// Replace `row` by `exp(row - max(row))` and return the sum (in 8 lanes, so it vectorises).
-fn exp_shifted_sum(row: &mut [f32]) -> f32 {
+/// The largest value of `row` (in 8 lanes, so it vectorises).
+fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -456,23 +511,26 @@ fn exp_shifted_sum(row: &mut [f32]) -> f32 {
             *m = if x > *m { x } else { *m };
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    // Separate passes: a plain map and a plain lane-wise sum each vectorise at full width.
-    for x in row.iter_mut() {
-        *x = exp_f32(*x - max);
-    }
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Replace `row` by `exp(row - max)` and return the sum (in 8 lanes, so it vectorises).
+fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
     let mut sums = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
+    let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {
-        for (acc, &x) in sums.iter_mut().zip(c) {
-            *acc += x;
+        for (acc, x) in sums.iter_mut().zip(c) {
+            *x = exp_f32(*x - max);
+            *acc += *x;
         }
     }
-    chunks.remainder().iter().chain(&sums).sum()
+    let rest = chunks.into_remainder();
+    rest.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+    rest.iter().chain(&sums).sum()
 }
 
 #[cfg(test)]
@@ -509,24 +567,41 @@ mod tests {
         let dev = Device::Cpu;
         // Head dims of the patch (64) and PiT (72) blocks; key counts off the 8-lane grid;
         // large logits so the max shift matters.
-        for (d, lq, lk, budget) in [(64, 70, 45, usize::MAX), (72, 37, 131, 1), (64, 5, 3, 4096)] {
+        for (d, lq, lk, budget) in [
+            (64, 70, 45, usize::MAX),
+            (72, 37, 131, 1),
+            (64, 5, 3, 4096),
+            (64, 9, 1000, usize::MAX),
+        ] {
             let q = (Tensor::randn(0f32, 1., (2, 3, lq, d), &dev)? * 4.0)?;
             let k = Tensor::randn(0f32, 1., (2, 3, lk, d), &dev)?;
             let v = Tensor::randn(0f32, 1., (2, 3, lk, d), &dev)?;
-            let fused = sdpa(&q, &k, &v, AttentionBudget(budget))?;
             let f64_ref = sdpa_reference(
                 &q.to_dtype(DType::F64)?,
                 &k.to_dtype(DType::F64)?,
                 &v.to_dtype(DType::F64)?,
             )?
             .to_dtype(DType::F32)?;
-            let err = max_abs(&f64_ref, &fused)?;
             let chunked_err = max_abs(&f64_ref, &sdpa_chunked(&q, &k, &v, AttentionBudget(1))?)?;
-            // As close to exact as candle's own ops in f32.
-            assert!(
-                err < 1e-5 && err <= 2.0 * chunked_err + 1e-6,
-                "d {d}, lq {lq}, lk {lk}: max abs error {err} (candle ops: {chunked_err})"
-            );
+            // The blocks sdpa picks, and key blocks off the 16-key panels and the 8 lanes
+            // (a last block of 1-2 keys) for the online softmax.
+            let blocks = [
+                sdpa(&q, &k, &v, AttentionBudget(budget))?,
+                FusedCpuAttention {
+                    scale: 1.0 / (d as f32).sqrt(),
+                    rows: 7,
+                    key_block: 22,
+                }
+                .apply(&q, &k, &v)?,
+            ];
+            for (i, fused) in blocks.iter().enumerate() {
+                let err = max_abs(&f64_ref, fused)?;
+                // As close to exact as candle's own ops in f32.
+                assert!(
+                    err < 1e-5 && err <= 2.0 * chunked_err + 1e-6,
+                    "d {d}, lq {lq}, lk {lk}, blocks {i}: max abs error {err} (candle ops: {chunked_err})"
+                );
+            }
         }
         Ok(())
     }
