@@ -583,8 +583,8 @@ mod tests {
             )?
             .to_dtype(DType::F32)?;
             let chunked_err = max_abs(&f64_ref, &sdpa_chunked(&q, &k, &v, AttentionBudget(1))?)?;
-            // The blocks sdpa picks, and key blocks off the 16-key panels and the 8 lanes
-            // (a last block of 1-2 keys) for the online softmax.
+            // The blocks sdpa picks, and 22-key blocks for the online softmax: off the
+            // 16-key panels and the 8 lanes, with last blocks of 1, 21, 3 and 10 keys.
             let blocks = [
                 sdpa(&q, &k, &v, AttentionBudget(budget))?,
                 FusedCpuAttention {
