@@ -112,17 +112,6 @@ impl PackedB {
         })
     }
 
-    /// `B (k, n)` row-major.
-    pub(crate) fn from_rows(b: &[f32], k: usize, n: usize, buf: Vec<f32>) -> Self {
-        assert_eq!(b.len(), k * n, "operand is not ({k}, {n})");
-        Self::pack(k, n, buf, |panel, cols, dst| {
-            for (p, dst) in dst.chunks_exact_mut(NR).enumerate() {
-                dst[..cols].copy_from_slice(&b[p * n + panel * NR..][..cols]);
-                dst[cols..].fill(0.0);
-            }
-        })
-    }
-
     /// Panels for `B (k, n)` in `buf` (reused: a fresh allocation of this size costs more
     /// in page faults than the packing), each `(k, NR)`; `fill(panel, cols, dst)` writes
     /// all of a panel, its `cols` live columns and zeros past them. Panels fill in parallel.
@@ -148,10 +137,6 @@ impl PackedB {
     /// The buffer back, for the next [`PackedB`].
     pub(crate) fn into_buffer(self) -> Vec<f32> {
         self.data
-    }
-
-    pub(crate) fn n(&self) -> usize {
-        self.n
     }
 
     /// The `(kc, NR)` block of panel `j` starting at depth `p0`.
@@ -287,8 +272,7 @@ fn pack_a(x: &Product, r0: usize, rows: usize, p0: usize, kc: usize, ap: &mut [f
         let live = MR.min(rows - i * MR);
         let src = &x.a[(r0 + i * MR) * x.lda + p0..];
         let panel = &mut ap[i * MR * kc..];
-        // Whole panels in blocks of 8 depths through registers (the attention's P V has only
-        // 4 column panels to spread this packing over), the rest one value at a time.
+        // Whole panels in blocks of 8 depths through registers, the rest one value at a time.
         let whole = if cfg!(target_arch = "x86_64") && live == MR {
             kc / 8 * 8
         } else {
@@ -553,15 +537,11 @@ mod tests {
         let w: Vec<bf16> = values(n * k, 4).into_iter().map(bf16::from_f32).collect();
         let widened: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
         let packed = PackedB::from_transposed(&w, n, k, Vec::new());
-        let want = PackedB::from_rows(
-            &(0..k * n)
-                .map(|i| widened[(i % n) * k + i / n])
-                .collect::<Vec<_>>(),
-            k,
-            n,
-            Vec::new(),
-        );
+        let want = PackedB::from_transposed(&widened, n, k, Vec::new());
         assert_eq!(packed.data, want.data);
+        // Panel 2 holds columns 32..48 (8 live), depth-major.
+        assert_eq!(packed.data[2 * k * NR + 5 * NR + 3], widened[35 * k + 5]);
+        assert_eq!(packed.data[2 * k * NR + 5 * NR + 9], 0.0);
     }
 
     #[test]
@@ -591,10 +571,9 @@ mod tests {
                     bias: Some(&bias),
                 };
                 let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-                for packed in [
-                    PackedB::from_rows(&b, k, n, vec![f32::NAN; 7]),
-                    PackedB::from_transposed(&bt, n, k, vec![f32::NAN; 70000]),
-                ] {
+                // A reused buffer too small, and one larger than needed.
+                for buf in [vec![f32::NAN; 7], vec![f32::NAN; 70000]] {
+                    let packed = PackedB::from_transposed(&bt, n, k, buf);
                     matmul(&x, &packed, &mut c, n, parallel);
                     let err = c
                         .iter()

@@ -11,6 +11,7 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod flash;
 pub(crate) mod gemm;
 #[cfg(feature = "cuda")]
 pub use cuda::{self_check, KernelCheck};

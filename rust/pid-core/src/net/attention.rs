@@ -1,12 +1,12 @@
 //! Scaled dot-product attention with bounded score memory (pid_spec §3.1, §7).
 //!
-//! No mask anywhere in PiD. On the CPU (f32) one fused kernel computes each block of query
-//! rows against the keys a block at a time with an online softmax, on one thread per query
-//! block: scores never leave a per-thread scratch of `rows x key block`, and the softmax's
-//! exponentials are vectorised. Elsewhere
-//! queries are processed in chunks of candle ops so the `(B, H, chunk, Lk)` score block never
-//! exceeds [`AttentionBudget`]; at a 4096² decode the full patch-block score matrix would be
-//! ~200 GB.
+//! No mask anywhere in PiD. On the CPU (f32) one fused kernel takes a block of query rows
+//! per task: with AVX2 and FMA, flash attention walking the keys a block at a time with an
+//! online softmax (`kernels/flash.rs`), so scores never leave a per-thread scratch of
+//! `24 x key block`; elsewhere the block's scores against all keys in a per-thread scratch
+//! sized by [`AttentionBudget`]. Other devices process queries in chunks of candle ops so
+//! the `(B, H, chunk, Lk)` score block never exceeds the budget; at a 4096² decode the full
+//! patch-block score matrix would be ~200 GB.
 
 use std::cell::RefCell;
 
@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::layers::{chunk_last, RmsNorm};
 use super::Rope;
 use crate::kernels::cpu::{cpu_slice, exp_f32, for_rows, inv_rms, with_f32_slices};
-use crate::kernels::{gemm, use_cpu_kernel};
+use crate::kernels::{flash, use_cpu_kernel};
 
 /// Upper bound on the bytes one score block may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,20 +35,19 @@ impl AttentionBudget {
         (self.0 / (2 * bh * lk * elem_bytes).max(1)).max(1)
     }
 
-    /// Query rows and keys per block of the fused CPU kernel: each of `threads` tasks holds
-    /// one `(rows, keys)` f32 score block. With our GEMM (keys and values packed once per
-    /// head, in blocks) 96 queries x 512 keys (192 KB, in L2) ran 66-84 GF/s at 16684 keys
-    /// (2048²) where whole-row blocks of 24 queries ran 64-68, and 71-86 against 70-81 at
-    /// 4396 keys (1024²). The gemm crate packs its operands again for every call, so there
-    /// one block of all keys and up to 128 rows amortise it (128 ran 10-15% faster than 64).
+    /// Query rows per task and keys per block of the fused CPU kernel. With AVX2 (flash,
+    /// whose scratch is a few tens of KB per thread whatever the budget) 96 queries and
+    /// 128 keys keep a block's keys, values and probabilities in L1/L2; on a 2-core Zen 4 VM
+    /// it ran 175-187 GF/s at 4396 and 16684 keys, its 1-thread rate within noise of
+    /// (96, 256), (192, 128) and (384, 128). Without AVX2 a task holds `rows x lk` scores
+    /// through the gemm crate, which packs its operands again for every call, so there up
+    /// to 128 rows amortise it (128 ran 10-15% faster than 64).
     fn fused_block(&self, threads: usize, lk: usize) -> (usize, usize) {
-        let (most_rows, keys) = if gemm::available() {
-            (96, lk.min(512))
-        } else {
-            (128, lk)
-        };
-        let rows = (self.0 / (threads * keys * 4).max(1)).clamp(1, most_rows);
-        (rows, keys.max(1))
+        if flash::available() {
+            return (96, 128);
+        }
+        let rows = (self.0 / (threads * lk.max(1) * 4).max(1)).clamp(1, 128);
+        (rows, lk)
     }
 }
 
@@ -273,8 +272,9 @@ pub(crate) fn attention_dims(
     Ok((b, h, lq, lk, d))
 }
 
-/// The CPU kernel behind [`sdpa`]: one task per (batch-head, block of `rows` queries), each
-/// walking the keys `key_block` at a time.
+/// The CPU kernel behind [`sdpa`]: one task per (batch-head, block of `rows` queries). With
+/// AVX2 and FMA each batch-head's keys are packed once and [`flash::attend`] walks them
+/// `key_block` at a time; elsewhere a task holds its rows' scores against all keys.
 struct FusedCpuAttention {
     scale: f32,
     rows: usize,
@@ -282,9 +282,8 @@ struct FusedCpuAttention {
 }
 
 thread_local! {
-    /// Per-thread scratch of one key block's scores and its share of the output, reused
-    /// across blocks and calls.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch of a task's scores (without AVX2), reused across tasks and calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl FusedCpuAttention {
@@ -314,192 +313,92 @@ impl CustomOp3 for FusedCpuAttention {
             cpu_slice::<f32>(vs, vl, self.name())?,
         );
         let (b, h, lq, lk, d) = attention_dims(ql, kl, vl)?;
+        if lk == 0 || d == 0 {
+            bail!("attention over {lk} keys of {d} dims")
+        }
         let mut out = vec![0f32; b * h * lq * d];
         out.par_chunks_mut(lq * d)
             .enumerate()
             .for_each(|(bh, out_bh)| {
-                let keys = Keys::new(
-                    &k[bh * lk * d..(bh + 1) * lk * d],
-                    &v[bh * lk * d..(bh + 1) * lk * d],
-                    d,
-                    self.key_block,
-                );
+                let (k, v) = (&k[bh * lk * d..][..lk * d], &v[bh * lk * d..][..lk * d]);
+                let packed =
+                    flash::available().then(|| flash::PackedKeys::new(k, v, d, self.key_block));
                 out_bh
                     .par_chunks_mut(self.rows * d)
                     .enumerate()
                     .for_each(|(blk, o)| {
                         let r0 = (bh * lq + blk * self.rows) * d;
-                        attend_block(&q[r0..r0 + o.len()], &keys, o, d, self.scale);
+                        let q = &q[r0..r0 + o.len()];
+                        match &packed {
+                            Some(keys) => flash::attend(q, keys, o, self.scale),
+                            None => attend_all_keys(q, k, v, o, d, self.scale),
+                        }
                     });
             });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 }
 
-/// One batch-head's keys and values `(lk, d)` in blocks: for our GEMM, packed once in
-/// blocks of `key_block` keys, so a block's scores stay in cache however many keys there
-/// are; for the gemm crate, one block of all keys as they are.
-struct Keys<'a> {
-    blocks: Vec<KeyBlock<'a>>,
-}
-
-enum KeyBlock<'a> {
-    Packed { k: gemm::PackedB, v: gemm::PackedB },
-    Plain { k: &'a [f32], v: &'a [f32] },
-}
-
-impl<'a> Keys<'a> {
-    fn new(k: &'a [f32], v: &'a [f32], d: usize, key_block: usize) -> Self {
-        let blocks = if gemm::available() {
-            k.chunks(key_block * d)
-                .zip(v.chunks(key_block * d))
-                .map(|(k, v)| {
-                    let lk = k.len() / d;
-                    KeyBlock::Packed {
-                        k: gemm::PackedB::from_transposed(k, lk, d, Vec::new()),
-                        v: gemm::PackedB::from_rows(v, lk, d, Vec::new()),
-                    }
-                })
-                .collect()
-        } else {
-            vec![KeyBlock::Plain { k, v }]
+/// `out (r, d) = softmax(scale q (r, d) k^T) v` for `k, v (lk, d)` on one thread, through
+/// the gemm crate: the scores against all keys, a row softmax, the value product.
+fn attend_all_keys(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: usize, scale: f32) {
+    let (r, lk) = (q.len() / d, k.len() / d);
+    SCORES.with_borrow_mut(|scores| {
+        scores.resize(r * lk, 0.0);
+        // SAFETY: every pointer/stride pair addresses a slice of exactly the stated shape:
+        // scores (r, lk) row-major, q (r, d), k read as k^T (d, lk).
+        unsafe {
+            ::gemm::gemm(
+                r,
+                lk,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                lk as isize,
+                false,
+                q.as_ptr(),
+                1,
+                d as isize,
+                k.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                ::gemm::Parallelism::None,
+            )
         };
-        Self { blocks }
-    }
-}
-
-impl KeyBlock<'_> {
-    fn len(&self, d: usize) -> usize {
-        match self {
-            KeyBlock::Packed { k, .. } => k.n(),
-            KeyBlock::Plain { k, .. } => k.len() / d,
+        for row in scores.chunks_exact_mut(lk) {
+            let sum = exp_shifted_sum(row, row_max(row));
+            row.iter_mut().for_each(|x| *x /= sum);
         }
-    }
-
-    /// `scores (r, lk) = scale q (r, d) k^T`.
-    fn scores(&self, q: &[f32], scores: &mut [f32], d: usize, scale: f32) {
-        let (r, lk) = (q.len() / d, self.len(d));
-        match self {
-            KeyBlock::Packed { k, .. } => {
-                let q = gemm::Product {
-                    a: q,
-                    lda: d,
-                    m: r,
-                    alpha: scale,
-                    bias: None,
-                };
-                gemm::matmul(&q, k, scores, lk, false);
-            }
-            // SAFETY: every pointer/stride pair addresses a slice of exactly the stated
-            // shape: scores (r, lk) row-major, q (r, d), k read as k^T (d, lk).
-            KeyBlock::Plain { k, .. } => unsafe {
-                ::gemm::gemm(
-                    r,
-                    lk,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    lk as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    ::gemm::Parallelism::None,
-                );
-            },
-        }
-    }
-
-    /// `out (r, d) = p (r, lk) v`.
-    fn values(&self, p: &[f32], out: &mut [f32], d: usize) {
-        let (lk, r) = (self.len(d), out.len() / d);
-        match self {
-            KeyBlock::Packed { v, .. } => {
-                let p = gemm::Product {
-                    a: p,
-                    lda: lk,
-                    m: r,
-                    alpha: 1.0,
-                    bias: None,
-                };
-                gemm::matmul(&p, v, out, d, false);
-            }
-            // SAFETY: p (r, lk), v (lk, d) and out (r, d), all row-major.
-            KeyBlock::Plain { v, .. } => unsafe {
-                ::gemm::gemm(
-                    r,
-                    d,
-                    lk,
-                    out.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    p.as_ptr(),
-                    1,
-                    lk as isize,
-                    v.as_ptr(),
-                    1,
-                    d as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    ::gemm::Parallelism::None,
-                );
-            },
-        }
-    }
-}
-
-/// `out (r, d) = softmax(scale * q (r, d) k^T) v`, single-threaded, one key block at a
-/// time: each row keeps its running max and sum, and the output so far is rescaled when a
-/// block raises the max (the online softmax of flash attention).
-fn attend_block(q: &[f32], keys: &Keys, out: &mut [f32], d: usize, scale: f32) {
-    let r = q.len() / d;
-    let (mut max, mut sum, mut rescale) =
-        (vec![f32::NEG_INFINITY; r], vec![0f32; r], vec![0f32; r]);
-    SCRATCH.with_borrow_mut(|(scores, part)| {
-        for (i, block) in keys.blocks.iter().enumerate() {
-            let lk = block.len(d);
-            scores.resize(r * lk, 0.0);
-            block.scores(q, scores, d, scale);
-            for (row, ((m, s), c)) in scores
-                .chunks_exact_mut(lk)
-                .zip(max.iter_mut().zip(&mut sum).zip(&mut rescale))
-            {
-                let new_max = m.max(row_max(row));
-                *c = exp_f32(*m - new_max);
-                *s = *s * *c + exp_shifted_sum(row, new_max);
-                *m = new_max;
-            }
-            if i == 0 {
-                block.values(scores, out, d);
-                continue;
-            }
-            part.resize(r * d, 0.0);
-            block.values(scores, part, d);
-            for ((o, p), c) in out
-                .chunks_exact_mut(d)
-                .zip(part.chunks_exact(d))
-                .zip(&rescale)
-            {
-                o.iter_mut().zip(p).for_each(|(o, p)| *o = *o * c + p);
-            }
-        }
+        // SAFETY: p (r, lk), v (lk, d) and out (r, d), all row-major.
+        unsafe {
+            ::gemm::gemm(
+                r,
+                d,
+                lk,
+                out.as_mut_ptr(),
+                1,
+                d as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                lk as isize,
+                v.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                ::gemm::Parallelism::None,
+            )
+        };
     });
-    for (row, s) in out.chunks_exact_mut(d).zip(sum) {
-        let inv = 1.0 / s;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
 }
 
 /// The largest value of `row` (in 8 lanes, so it vectorises).
@@ -549,6 +448,21 @@ mod tests {
         (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
     }
 
+    /// [`attend_all_keys`] (the fused kernel's path without AVX2) over every batch-head.
+    fn all_keys_per_head(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, h, lq, d) = q.dims4()?;
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+        let lk = ks.len() / (b * h * d);
+        let mut out = vec![0f32; qs.len()];
+        for (i, o) in out.chunks_exact_mut(lq * d).enumerate() {
+            let (k, v) = (&ks[i * lk * d..][..lk * d], &vs[i * lk * d..][..lk * d]);
+            let q = &qs[i * lq * d..][..lq * d];
+            attend_all_keys(q, k, v, o, d, 1.0 / (d as f32).sqrt());
+        }
+        Tensor::from_vec(out, q.shape(), q.device())
+    }
+
     #[test]
     fn chunked_attention_equals_unchunked() -> Result<()> {
         let dev = Device::Cpu;
@@ -583,16 +497,19 @@ mod tests {
             )?
             .to_dtype(DType::F32)?;
             let chunked_err = max_abs(&f64_ref, &sdpa_chunked(&q, &k, &v, AttentionBudget(1))?)?;
-            // The blocks sdpa picks, and 22-key blocks for the online softmax: off the
-            // 16-key panels and the 8 lanes, with last blocks of 1, 21, 3 and 10 keys.
+            // The blocks sdpa picks (with AVX2: 96 queries, 128 keys: one task of 3 query
+            // panels, the last 22 queries live, at lq 70; 1000 keys end on a block of 104),
+            // 20-key blocks in tasks of 7 queries (last blocks of 5, 11, 3 and 20 keys, so
+            // padding keys in the last tile of 1, 3 and 3), and the kernel without AVX2.
             let blocks = [
                 sdpa(&q, &k, &v, AttentionBudget(budget))?,
                 FusedCpuAttention {
                     scale: 1.0 / (d as f32).sqrt(),
                     rows: 7,
-                    key_block: 22,
+                    key_block: 20,
                 }
                 .apply(&q, &k, &v)?,
+                all_keys_per_head(&q, &k, &v)?,
             ];
             for (i, fused) in blocks.iter().enumerate() {
                 let err = max_abs(&f64_ref, fused)?;
