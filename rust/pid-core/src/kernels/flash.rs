@@ -12,10 +12,10 @@
 //!
 //! On a 2-core Zen 4 VM (FMA peak ~232 GF/s) the earlier design (row-major scores through
 //! the general GEMM, a row softmax, a re-pack of the probabilities for the value product,
-//! then a rescale pass) ran 123-127 GF/s on 4 heads of 16684 keys, d 64; this one runs
-//! 175-187 there and ~163 inside a 1024² forward, where the linear layers' GEMM tiles run
-//! ~174. Packing each key block's keys and values contiguously (rather than each in one
-//! array per head) took 16684 keys from 75 to 92 GF/s on one thread.
+//! then a rescale pass) ran 120-148 GF/s on 24 heads of 16684 keys, d 64; this one runs
+//! 178-183 there, where the linear GEMM ran 150-192. Packing each key block's keys and
+//! values contiguously (rather than each in one array per head) took 16684 keys from 75 to
+//! 92 GF/s on one thread.
 
 use std::cell::RefCell;
 

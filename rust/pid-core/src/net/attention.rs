@@ -38,7 +38,7 @@ impl AttentionBudget {
     /// Query rows per task and keys per block of the fused CPU kernel. With AVX2 (flash,
     /// whose scratch is a few tens of KB per thread whatever the budget) 96 queries and
     /// 128 keys keep a block's keys, values and probabilities in L1/L2; on a 2-core Zen 4 VM
-    /// it ran 175-187 GF/s at 4396 and 16684 keys, its 1-thread rate within noise of
+    /// it ran 178-183 GF/s on 24 heads of 16684 keys, its 1-thread rate within noise of
     /// (96, 256), (192, 128) and (384, 128). Without AVX2 a task holds `rows x lk` scores
     /// through the gemm crate, which packs its operands again for every call, so there up
     /// to 128 rows amortise it (128 ran 10-15% faster than 64).
