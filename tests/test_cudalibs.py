@@ -82,9 +82,12 @@ def fake_extension(root: Path, needs: str) -> Path:
     return root
 
 
-def run(code: str, *path: Path, isolated: bool = True) -> dict:
-    """Run ``code`` in a fresh interpreter with ``path`` on sys.path; returns its last JSON line."""
+def run(code: str, *path: Path, isolated: bool = True, libraries: Path | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter with ``path`` on sys.path (and ``libraries`` on the
+    loader's path); returns its last JSON line."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
+    if libraries is not None:
+        env["LD_LIBRARY_PATH"] = str(libraries)
     flags = ["-S"] if isolated else []
     script = (PRELUDE if isolated else "") + textwrap.dedent(code)
     done = subprocess.run(
@@ -240,6 +243,51 @@ def test_missing_driver_is_named_and_nothing_is_preloaded(wheels: dict[str, Path
     assert not [m for m in out["maps"] if "nvidia" in m]
 
 
+def package(root: Path, extension: Path) -> Path:
+    """A package ``fakepkg`` whose ``_native`` dlopens ``extension``."""
+    pkg = root / "fakepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_native.py").write_text(f"import ctypes\nanswer = ctypes.CDLL({str(extension)!r}).answer()\n")
+    return root
+
+
+def test_driver_older_than_the_build_is_named_with_its_cuda_version(
+    wheels: dict[str, Path], tmp_path: Path
+) -> None:
+    if loader_finds("libcuda.so.1"):
+        pytest.skip("an NVIDIA driver (libcuda.so.1) is installed here; the test needs its own")
+    # Linked against a driver that has cuTooNew; the machine's driver supports CUDA 12.8 and lacks it.
+    build, machine = tmp_path / "build", tmp_path / "machine"
+    build.mkdir()
+    machine.mkdir()
+    version = "int cuDriverGetVersion(int *v) {{ *v = {}; return 0; }}\n"
+    cc(build / "libcuda.so.1", "int cuTooNew(void) { return 0; }\n" + version.format(13000))
+    source = "int cuTooNew(void);\nint answer(void) { return cuTooNew() + 42; }\n"
+    ext = cc(tmp_path / "libfakeext.so", source, f"-L{build}", "-l:libcuda.so.1")
+    cc(machine / "libcuda.so.1", version.format(12080))
+    out = run(
+        """
+        try:
+            cudalibs.import_native("fakepkg._native")
+            message = "imported"
+        except ImportError as exc:
+            message = str(exc)
+        print(json.dumps({"message": message, "maps": mapped()}))
+        """,
+        package(tmp_path, ext),
+        wheels["site_a"],
+        libraries=machine,
+    )
+    assert out["message"] == (
+        "the CUDA build of pid-native needs a newer NVIDIA driver: the installed one supports CUDA 12.8 "
+        "and lacks cuTooNew, and this build needs CUDA 13.0 (driver 580 or newer); update the NVIDIA "
+        "driver or install the CPU build of pid-native"
+    )
+    # The runtime wheels cannot stand in for the driver: nothing of theirs was loaded.
+    assert not [m for m in out["maps"] if "nvidia" in m]
+
+
 def test_unrelated_load_error_is_left_alone(wheels: dict[str, Path], tmp_path: Path) -> None:
     ext = fake_extension(tmp_path, "libdoesnotexist.so.13")
     out = run(
@@ -299,3 +347,31 @@ def test_loader_messages_name_the_library(error: str, library: str | None) -> No
     from pid_native._cudalibs import missing_library
 
     assert missing_library(error) == library
+
+
+@pytest.mark.parametrize(
+    ("error", "symbol", "driver"),
+    [
+        ("/x/_native.abi3.so: undefined symbol: cuMemcpyBatchAsync_v2", "cuMemcpyBatchAsync_v2", True),
+        (
+            "/x/_native.abi3.so: undefined symbol: cublasLtMatmulAlgoGetHeuristic",
+            "cublasLtMatmulAlgoGetHeuristic",
+            False,
+        ),
+        (
+            "/x/_native.abi3.so: undefined symbol: cudaGetDriverEntryPointByVersion",
+            "cudaGetDriverEntryPointByVersion",
+            False,
+        ),
+        ("/x/_native.abi3.so: undefined symbol: PyObject_Foo", None, False),
+    ],
+)
+def test_loader_messages_name_a_missing_cuda_function(error: str, symbol: str | None, driver: bool) -> None:
+    from pid_native import _cudalibs
+
+    assert _cudalibs.undefined_symbol(error) == symbol
+    if symbol:
+        message = _cudalibs.explain_symbol(symbol, error)
+        assert symbol in message
+        assert ("newer NVIDIA driver" in message) == driver
+        assert ('pip install "pid-native[cuda]"' in message) == (not driver)

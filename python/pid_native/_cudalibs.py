@@ -45,12 +45,17 @@ _LIBRARY_NAME = re.compile(
 )
 # Windows names no DLL when an extension's dependency is missing.
 _WINDOWS_DLL_FAILURE = "DLL load failed"
+# A library that loads but lacks a function the build calls: older than the build needs. The
+# driver API's functions are cuXxx; the runtime libraries' cublasXxx, curandXxx, nvrtcXxx, cudaXxx.
+_UNDEFINED_SYMBOL = re.compile(r"undefined symbol: ((cu[A-Z]|cublas|curand|nvrtc|cuda[A-Z])\w*)")
 
 INSTALL_RUNTIME = 'pip install "pid-native[cuda]"'
 INSTALL_DRIVER = (
     "no NVIDIA driver found: install the NVIDIA driver (580+ for CUDA 13) or install the CPU build "
     "of pid-native"
 )
+# The CUDA version the build's PTX and libraries need from the driver (cuda_device.rs says why).
+BUILD_CUDA_VERSION = 13_000
 
 # Keeps the loaded libraries and DLL directories alive for the life of the process.
 _KEEP: list[Any] = []
@@ -160,8 +165,54 @@ def explain(
     )
 
 
+def undefined_symbol(error: str) -> str | None:
+    """The CUDA function a loader error says is missing (``undefined symbol: cuFoo``), if any."""
+    match = _UNDEFINED_SYMBOL.search(error)
+    return match.group(1) if match else None
+
+
+def _is_driver_symbol(symbol: str) -> bool:
+    return re.match(r"cu[A-Z]", symbol) is not None
+
+
+def driver_cuda_version() -> int | None:
+    """The CUDA version the installed driver supports (1000 * major + 10 * minor), if it loads."""
+    try:
+        driver = ctypes.CDLL(DRIVER)
+        version = ctypes.c_int(0)
+        if driver.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value
+
+
+def _cuda_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def explain_symbol(symbol: str, error: str) -> str:
+    """The message for a CUDA library that loads but is older than the build needs."""
+    if _is_driver_symbol(symbol):
+        version = driver_cuda_version()
+        supports = f"supports CUDA {_cuda_text(version)}" if version else "is too old"
+        return (
+            f"the CUDA build of pid-native needs a newer NVIDIA driver: the installed one {supports} and "
+            f"lacks {symbol}, and this build needs CUDA {_cuda_text(BUILD_CUDA_VERSION)} (driver 580 or "
+            "newer); update the NVIDIA driver or install the CPU build of pid-native"
+        )
+    return (
+        f"the CUDA runtime libraries found are older than this build of pid-native needs ({symbol} is "
+        f"missing: {error}); install NVIDIA's CUDA 13 runtime libraries with {INSTALL_RUNTIME}"
+    )
+
+
 def _names_cuda(error: str) -> bool:
-    return missing_library(error) is not None or (WINDOWS and _WINDOWS_DLL_FAILURE in error)
+    return (
+        missing_library(error) is not None
+        or undefined_symbol(error) is not None
+        or (WINDOWS and _WINDOWS_DLL_FAILURE in error)
+    )
 
 
 def import_native(name: str = NATIVE) -> ModuleType:
@@ -177,7 +228,9 @@ def import_native(name: str = NATIVE) -> ModuleType:
         if not _names_cuda(str(exc)):
             raise
         first = exc
-    library = missing_library(str(first))
+    library, symbol = missing_library(str(first)), undefined_symbol(str(first))
+    if symbol is not None and _is_driver_symbol(symbol):
+        raise ImportError(explain_symbol(symbol, str(first))) from first
     if library is not None and _is_driver(library):
         # The wheels cannot stand in for the driver: do not load them for nothing.
         raise ImportError(explain(str(first))) from first
@@ -186,10 +239,23 @@ def import_native(name: str = NATIVE) -> ModuleType:
     try:
         return importlib.import_module(name)
     except (ImportError, OSError) as exc:
-        message = explain(str(exc), found, failures)
+        symbol = undefined_symbol(str(exc))
+        message = explain_symbol(symbol, str(exc)) if symbol else explain(str(exc), found, failures)
         if message is None:
             raise
         raise ImportError(message) from exc
 
 
-__all__ = ["DRIVER", "LIBRARIES", "explain", "find_libraries", "import_native", "missing_library", "preload"]
+__all__ = [
+    "BUILD_CUDA_VERSION",
+    "DRIVER",
+    "LIBRARIES",
+    "driver_cuda_version",
+    "explain",
+    "explain_symbol",
+    "find_libraries",
+    "import_native",
+    "missing_library",
+    "preload",
+    "undefined_symbol",
+]

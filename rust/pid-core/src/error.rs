@@ -33,6 +33,11 @@ pub enum Error {
         message: String,
     },
 
+    /// This machine cannot run what was asked: no CUDA in this build, no GPU, a driver or GPU
+    /// too old for the build.
+    #[error("{message}")]
+    Unsupported { code: &'static str, message: String },
+
     /// The caller asked us to stop (cancel token or Ctrl-C).
     #[error("decode cancelled")]
     Cancelled,
@@ -55,7 +60,9 @@ pub enum Error {
 impl Error {
     pub fn code(&self) -> &'static str {
         match self {
-            Error::InvalidInput { code, .. } | Error::Weights { code, .. } => code,
+            Error::InvalidInput { code, .. }
+            | Error::Weights { code, .. }
+            | Error::Unsupported { code, .. } => code,
             Error::MissingFile { .. } => "missing_file",
             Error::Budget { .. } => "memory_budget",
             Error::Cancelled => "cancelled",
@@ -67,6 +74,13 @@ impl Error {
 
     pub fn input(code: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidInput {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unsupported(code: &'static str, message: impl Into<String>) -> Self {
+        Error::Unsupported {
             code,
             message: message.into(),
         }

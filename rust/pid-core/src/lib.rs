@@ -11,6 +11,7 @@
 
 pub mod caption;
 pub mod config;
+pub mod cuda_device;
 pub mod decoder;
 pub mod error;
 pub mod kernels;

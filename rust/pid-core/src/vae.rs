@@ -413,7 +413,7 @@ impl Vae {
             "the VAE its config describes",
             |_| false,
         )?;
-        Ok(Self::new(&cfg, tensors.var_builder(DType::F32, device))?)
+        Ok(Self::new(&cfg, tensors.var_builder(DType::F32, device)?)?)
     }
 
     /// Build from a VarBuilder over diffusers names.

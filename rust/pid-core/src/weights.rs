@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::config::{LatentHint, NetConfig, IGNORED_PREFIXES};
-use crate::{Error, Result};
+use crate::{cuda_device, Error, Result};
 
 /// Memory-map one or more safetensors files (a sharded set is one logical file).
 pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
@@ -176,7 +176,7 @@ impl Checkpoint {
     }
 
     /// A VarBuilder over the bare tensor names, producing tensors in `dtype` on `device`.
-    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    pub fn var_builder(self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         self.tensors.var_builder(dtype, device)
     }
 
@@ -311,11 +311,23 @@ impl TensorSet {
     }
 
     /// A VarBuilder over the names without the prefix, producing tensors in `dtype` on `device`.
-    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    /// Refuses a GPU without the free memory the tensors take in `dtype`, before loading any.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let elements: usize = self
+            .index
+            .values()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        let bytes = (elements * dtype.size_in_bytes()) as u64;
+        cuda_device::ensure_fits(
+            device,
+            bytes,
+            &format!("the weights in {}", self.path.display()),
+        )?;
         let vb = VarBuilder::from_backend(Box::new(self.st), dtype, device.clone());
-        match self.prefix.as_str() {
+        Ok(match self.prefix.as_str() {
             "" => vb,
             p => vb.pp(p.trim_end_matches('.')),
-        }
+        })
     }
 }

@@ -170,7 +170,7 @@ impl PyDecoder {
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
             let (ckpt, cfg) = Checkpoint::open_validated(&checkpoint, None, hint)?;
-            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device), cdt)?)
+            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device)?, cdt)?)
         })?;
         Ok(Self {
             net,

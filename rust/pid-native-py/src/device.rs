@@ -34,13 +34,7 @@ pub fn parse_device(name: &str) -> Result<Device, PyPidError> {
                         format!("bad device {name:?}; use \"cpu\" or \"cuda:N\""),
                     ))
                 })?;
-            if !cfg!(feature = "cuda") {
-                return Err(PyPidError(Error::input(
-                    "device",
-                    "this build of pid-native has no CUDA support; install the CUDA build (see README) or use device=\"cpu\"",
-                )));
-            }
-            Ok(Device::new_cuda(ordinal)?)
+            Ok(pid_core::cuda_device::open(ordinal)?)
         }
         other => Err(PyPidError(Error::input(
             "device",

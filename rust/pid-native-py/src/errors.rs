@@ -9,6 +9,7 @@ pyo3::import_exception!(pid_native.errors, InvalidInputError);
 pyo3::import_exception!(pid_native.errors, WeightsError);
 pyo3::import_exception!(pid_native.errors, MissingFileError);
 pyo3::import_exception!(pid_native.errors, BudgetError);
+pyo3::import_exception!(pid_native.errors, BackendUnavailableError);
 pyo3::import_exception!(pid_native.errors, Cancelled);
 
 /// Newtype so `?` can turn a core error into a Python exception (orphan rule).
@@ -35,6 +36,7 @@ impl From<PyPidError> for PyErr {
             pid_core::Error::Weights { .. } => WeightsError::new_err((msg, code)),
             pid_core::Error::MissingFile { .. } => MissingFileError::new_err((msg, code)),
             pid_core::Error::Budget { .. } => BudgetError::new_err((msg, code)),
+            pid_core::Error::Unsupported { .. } => BackendUnavailableError::new_err((msg, code)),
             pid_core::Error::Cancelled => Cancelled::new_err((msg, code)),
             // A Python exception raised inside a callback is restored by the caller; this is the fallback.
             pid_core::Error::Callback(_)

@@ -59,7 +59,7 @@ impl PyPidNet {
         });
         let net = py.detach(|| -> Result<PidNet, PyPidError> {
             let (ckpt, cfg) = Checkpoint::open_validated(&path, config.as_deref(), hint)?;
-            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device), cdt)?)
+            Ok(PidNet::new(&cfg, ckpt.var_builder(wdt, &device)?, cdt)?)
         })?;
         Ok(Self { net })
     }

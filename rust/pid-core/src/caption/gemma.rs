@@ -258,7 +258,7 @@ impl GemmaWeights {
 
     /// Load the model, weights bf16-resident on `device`.
     pub fn load(self, device: &Device) -> Result<Gemma2Model> {
-        let vb = self.tensors.var_builder(DType::BF16, device);
+        let vb = self.tensors.var_builder(DType::BF16, device)?;
         Ok(Gemma2Model::new(&self.config, vb)?)
     }
 }

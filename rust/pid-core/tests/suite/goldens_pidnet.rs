@@ -20,7 +20,7 @@ fn load_net(golden: &Golden) -> PidNet {
             let ckpt = Checkpoint::open(seeded_checkpoint(&cfg.expected_tensors(), &salt)).unwrap();
             ckpt.validate(&cfg).unwrap();
             // bf16-resident like a real decode: it halves memory for the full topology.
-            ckpt.var_builder(DType::BF16, &Device::Cpu)
+            ckpt.var_builder(DType::BF16, &Device::Cpu).unwrap()
         }
         Some("embedded") => {
             let st =

@@ -20,5 +20,10 @@ pub fn mini_net() -> PidNet {
     let cfg = mini_config();
     let ckpt = Checkpoint::open(mini_checkpoint()).unwrap();
     ckpt.validate(&cfg).unwrap();
-    PidNet::new(&cfg, ckpt.var_builder(DType::F32, &Device::Cpu), DType::F32).unwrap()
+    PidNet::new(
+        &cfg,
+        ckpt.var_builder(DType::F32, &Device::Cpu).unwrap(),
+        DType::F32,
+    )
+    .unwrap()
 }
