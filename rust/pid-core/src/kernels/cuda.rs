@@ -1,9 +1,13 @@
-//! Launchers of `kernels/pid_kernels.cu` (PTX built by `build.rs`), as candle custom ops.
+//! Launchers of `kernels/pid_kernels.cu` (a fatbin built by `build.rs`), as candle custom ops.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{
@@ -15,17 +19,47 @@ use half::bf16;
 use super::{gated_add_ops, last_dim, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops};
 use crate::noise::{self, Stream};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pid_kernels.ptx"));
+/// PTX for `CUDA_COMPUTE_CAP` (JIT-compiled by the driver on newer GPUs) and machine code for
+/// the architectures in `PID_CUDA_SASS`, which the driver prefers where it matches the GPU.
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pid_kernels.fatbin"));
 
 /// Threads per block of the elementwise and row kernels.
 const THREADS: u32 = 256;
 
-/// Kernel `name` of our PTX module, loaded once per device (candle does not export the
-/// function type, hence a macro).
-macro_rules! kernel {
-    ($dev:expr, $name:expr) => {
-        $dev.get_or_load_custom_func($name, "pid_kernels", PTX)
+/// One of our kernels and the stream it launches on.
+struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Kernel `name` of our module, which is loaded once per GPU (candle's module cache takes PTX
+/// text only, not a fatbin).
+fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let module = {
+        let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+        match modules
+            .iter()
+            .find(|(ordinal, _)| *ordinal == ctx.ordinal())
+        {
+            Some((_, module)) => module.clone(),
+            None => {
+                let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).w()?;
+                modules.push((ctx.ordinal(), module.clone()));
+                module
+            }
+        }
     };
+    let func = module.load_function(name).w()?;
+    Ok(Kernel { func, stream })
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -101,7 +135,7 @@ impl RmsNormModulate {
             view::<T>(ss, sl)?,
         );
         let out = unsafe { dev.alloc::<T>(rows * d)? };
-        let func = kernel!(dev, &format!("pid_rms_norm_modulate_{}", suffix(T::DTYPE)?))?;
+        let func = kernel(dev, &format!("pid_rms_norm_modulate_{}", suffix(T::DTYPE)?))?;
         let (rows_i, d_i, eps) = (rows as i32, d as i32, self.eps);
         let warps_per_block = THREADS as usize / 32;
         let cfg = LaunchConfig {
@@ -181,7 +215,7 @@ impl GatedAdd {
         let per_mod = rows_per_mod("gated_add", n / d, d, gl.shape().elem_count())? as i32;
         let (x, g, y) = (view::<T>(xs, xl)?, view::<T>(gs, gl)?, view::<T>(ys, yl)?);
         let out = unsafe { dev.alloc::<T>(n)? };
-        let func = kernel!(dev, &format!("pid_gated_add_{}", suffix(T::DTYPE)?))?;
+        let func = kernel(dev, &format!("pid_gated_add_{}", suffix(T::DTYPE)?))?;
         let d_i = d as i32;
         let mut b = func.builder();
         b.arg(&x)
@@ -272,7 +306,7 @@ impl SigmaGate {
         );
         let n = b * l * d;
         let out = unsafe { dev.alloc::<T>(n)? };
-        let func = kernel!(dev, &format!("pid_sigma_gate_{}", suffix(T::DTYPE)?))?;
+        let func = kernel(dev, &format!("pid_sigma_gate_{}", suffix(T::DTYPE)?))?;
         let (d_i, gw_i, l_i) = (d as i32, gw as i32, l as i32);
         let mut bld = func.builder();
         bld.arg(&s).arg(&f).arg(&logit).arg(&offset).arg(&out);
@@ -358,7 +392,7 @@ impl CustomOp3 for FlashAttention {
             view::<bf16>(vs, vl)?,
         );
         let out = unsafe { dev.alloc::<bf16>(b * h * lq * d)? };
-        let func = kernel!(dev, &format!("pid_flash_attention_bf16_d{d}"))?;
+        let func = kernel(dev, &format!("pid_flash_attention_bf16_d{d}"))?;
         let (lq_i, lk_i, scale) = (lq as i32, lk as i32, self.scale);
         let cfg = LaunchConfig {
             grid_dim: ((lq as u32).div_ceil(FA_ROWS), (b * h) as u32, 1),
@@ -393,7 +427,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `n` normals of stream `stream` drawn on `dev` (bit-identical to `noise::normal`).
 pub fn normal(dev: &CudaDevice, seed: u64, stream: u32, n: usize) -> Result<Tensor> {
     let out = unsafe { dev.alloc::<f32>(n)? };
-    let func = kernel!(dev, "pid_normal_f32")?;
+    let func = kernel(dev, "pid_normal_f32")?;
     let offset = 0u64;
     let mut b = func.builder();
     b.arg(&out).arg(&n).arg(&seed).arg(&stream).arg(&offset);
