@@ -98,29 +98,69 @@ def test_rms_norm_modulate_bf16_rounds_once(emu) -> None:
     np.testing.assert_allclose(from_bf16(out), ref, rtol=2**-8, atol=1e-6)
 
 
-def test_gated_add_f32(emu) -> None:
+def gated_add_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     rng = np.random.default_rng(2)
     rows, d, per_mod = 3 * 41, 96, 41
     x, y = rng.standard_normal((rows, d), np.float32), rng.standard_normal((rows, d), np.float32)
-    gate = rng.standard_normal((rows // per_mod, d), np.float32)
+    return x, rng.standard_normal((rows // per_mod, d), np.float32), y, per_mod
+
+
+def gated_add_ref(x: np.ndarray, gate: np.ndarray, y: np.ndarray, per_mod: int) -> np.ndarray:
+    return x.astype(np.float64) + np.repeat(gate, per_mod, 0) * y.astype(np.float64)
+
+
+def test_gated_add_f32(emu) -> None:
+    x, gate, y, per_mod = gated_add_inputs()
     out = np.zeros_like(x)
-    emu.emu_gated_add_f32(ptr(x), ptr(gate), ptr(y), ptr(out), ctypes.c_size_t(x.size), d, per_mod)
-    np.testing.assert_allclose(out, x + np.repeat(gate, per_mod, 0) * y, rtol=1e-6, atol=1e-6)
+    emu.emu_gated_add_f32(ptr(x), ptr(gate), ptr(y), ptr(out), ctypes.c_size_t(x.size), x.shape[1], per_mod)
+    np.testing.assert_allclose(out, gated_add_ref(x, gate, y, per_mod), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("per_token", [False, True])
-def test_sigma_gate_f32(emu, per_token: bool) -> None:
+def test_gated_add_bf16_rounds_once(emu) -> None:
+    x, gate, y, per_mod = gated_add_inputs()
+    x, gate, y = (to_bf16(a) for a in (x, gate, y))
+    out = np.zeros_like(x)
+    emu.emu_gated_add_bf16(ptr(x), ptr(gate), ptr(y), ptr(out), ctypes.c_size_t(x.size), x.shape[1], per_mod)
+    ref = gated_add_ref(*(from_bf16(a) for a in (x, gate, y)), per_mod)
+    # f32 arithmetic on the bf16 inputs, one bf16 rounding of the result: 2^-9 relative.
+    np.testing.assert_allclose(from_bf16(out), ref, rtol=2**-8, atol=1e-6)
+
+
+def sigma_gate_inputs(per_token: bool) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(3)
     b, tokens, d = 2, 29, 48
     s, f = (rng.standard_normal((b, tokens, d), np.float32) for _ in range(2))
     logit = rng.standard_normal((b, tokens, 1 if per_token else d), np.float32) * 2
-    offset = np.array([0.0, 2.5], np.float32)
+    return s, f, logit, np.array([0.0, 2.5], np.float32)
+
+
+def sigma_gate_ref(s: np.ndarray, f: np.ndarray, logit: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    gate = 1 / (1 + np.exp(-(logit.astype(np.float64) - offset[:, None, None])))
+    return s + f * gate
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sigma_gate_f32(emu, per_token: bool) -> None:
+    s, f, logit, offset = sigma_gate_inputs(per_token)
     out = np.zeros_like(s)
+    _, tokens, d = s.shape
     emu.emu_sigma_gate_f32(
         ptr(s), ptr(f), ptr(logit), ptr(offset), ptr(out), ctypes.c_size_t(s.size), d, logit.shape[2], tokens
     )
-    gate = 1 / (1 + np.exp(-(logit.astype(np.float64) - offset[:, None, None])))
-    np.testing.assert_allclose(out, s + f * gate, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, sigma_gate_ref(s, f, logit, offset), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sigma_gate_bf16_rounds_once(emu, per_token: bool) -> None:
+    s, f, logit, offset = sigma_gate_inputs(per_token)
+    s, f, logit = (to_bf16(a) for a in (s, f, logit))
+    out = np.zeros_like(s)
+    _, tokens, d = s.shape
+    emu.emu_sigma_gate_bf16(
+        ptr(s), ptr(f), ptr(logit), ptr(offset), ptr(out), ctypes.c_size_t(s.size), d, logit.shape[2], tokens
+    )
+    ref = sigma_gate_ref(*(from_bf16(a) for a in (s, f, logit)), offset)
+    np.testing.assert_allclose(from_bf16(out), ref, rtol=2**-8, atol=1e-6)
 
 
 def misaligned(a: np.ndarray) -> np.ndarray:

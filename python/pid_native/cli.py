@@ -204,8 +204,14 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     opts = options(args)
     out = Path(args.out or f"pid-selftest-{opts.device.replace(':', '-')}.json")
-    report = run(opts, lambda line: print(line, file=sys.stderr, flush=True))
-    out.write_text(json.dumps(report, indent=2))
+
+    def save(report: dict) -> None:
+        # Replaced whole each time: a run killed mid-way leaves the last complete snapshot.
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2))
+        os.replace(partial, out)
+
+    report = run(opts, lambda line: print(line, file=sys.stderr, flush=True), save)
     print(summary(report, out))
     return 0 if report["passed"] else 1
 

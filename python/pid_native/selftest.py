@@ -64,6 +64,8 @@ NOISE_DRAWS = [(0, 0, (1, 3, 512, 512)), (12345, 1, (2, 3, 67, 45)), (2**64 - 1,
 CAPTION_TOKENS = 300
 
 Log = Callable[[str], None]
+# Writes the report as it stands: after every section and timing row.
+Save = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,11 @@ def _run_case(net: Any, golden: dict[str, np.ndarray], path: Path, case: str, dt
 def _kernels_off_and_on(
     net: Any, golden: dict[str, np.ndarray], path: Path, case: str, dtype: str
 ) -> dict[str, Any]:
-    """One forward with the candle-ops fallbacks, one with the custom kernels; restores the switch."""
+    """One forward with the candle-ops fallbacks, one with the custom kernels; restores the switch.
+
+    Passes when both are within the golden's tolerance and within that same tolerance of
+    each other.
+    """
     initial = _native.custom_kernels()
     try:
         _native.set_custom_kernels(False)
@@ -138,14 +144,20 @@ def _kernels_off_and_on(
         custom = _forward(net, golden, case)
     finally:
         _native.set_custom_kernels(initial)
-    fallback_parity = _judge(fallback, golden[f"out.{case}.v"], _tolerance(dtype, case))
+    tolerance = _tolerance(dtype, case)
+    ref = golden[f"out.{case}.v"]
+    checks = {
+        "fallback_parity": _judge(fallback, ref, tolerance),
+        "custom_parity": _judge(custom, ref, tolerance),
+        "custom_vs_fallback": _judge(custom, fallback.astype(np.float64), tolerance),
+    }
     return {
         "golden": path.name,
         "case": case,
         "dtype": dtype,
-        "max_abs_diff": float(np.abs(custom - fallback).max()),
-        "fallback_parity": fallback_parity,
-        "passed": fallback_parity["passed"],
+        "max_abs_diff": checks["custom_vs_fallback"].get("max_abs_err", float("nan")),
+        **checks,
+        "passed": all(c["passed"] for c in checks.values()),
     }
 
 
@@ -199,13 +211,27 @@ def _row_text(row: dict[str, Any]) -> str:
 
 
 def run_noise(device: str) -> dict[str, Any]:
+    """The device's noise kernel against the CPU generator, bit for bit.
+
+    The kernel is switched on for the draw whatever ``PID_CUDA_KERNELS`` says: with it off the
+    device's noise comes from the CPU generator, and the check would compare it with itself.
+    """
     results = []
-    for seed, stream, shape in NOISE_DRAWS:
-        on_device = _native.gaussian_noise(seed, stream, shape, device=device)
-        on_cpu = _native.gaussian_noise(seed, stream, shape)
-        mismatches = int(np.count_nonzero(on_device.view(np.uint32) != on_cpu.view(np.uint32)))
-        results.append({"seed": seed, "stream": stream, "shape": list(shape), "mismatches": mismatches})
-    return {"passed": all(r["mismatches"] == 0 for r in results), "results": results}
+    initial = _native.custom_kernels()
+    try:
+        _native.set_custom_kernels(True)
+        for seed, stream, shape in NOISE_DRAWS:
+            on_device = _native.gaussian_noise(seed, stream, shape, device=device)
+            on_cpu = _native.gaussian_noise(seed, stream, shape)
+            mismatches = int(np.count_nonzero(on_device.view(np.uint32) != on_cpu.view(np.uint32)))
+            results.append({"seed": seed, "stream": stream, "shape": list(shape), "mismatches": mismatches})
+    finally:
+        _native.set_custom_kernels(initial)
+    return {
+        "generator": "the CUDA noise kernel (switched on for this check)",
+        "passed": all(r["mismatches"] == 0 for r in results),
+        "results": results,
+    }
 
 
 def _timing_checkpoint(preset: str, cache: Path) -> tuple[Path, dict[str, Any]]:
@@ -213,9 +239,21 @@ def _timing_checkpoint(preset: str, cache: Path) -> tuple[Path, dict[str, Any]]:
     return cached_seeded(cache, _native.checkpoint_layout(config)), json.loads(config)
 
 
-def run_timing(opts: Options, cache: Path, gpu: GpuMemory | None, log: Log) -> dict[str, Any]:
+def run_timing(
+    opts: Options, cache: Path, gpu: GpuMemory | None, log: Log, section: dict[str, Any], save: Save
+) -> None:
+    """Fills ``section`` row by row, saving the report after each, so a run killed at the
+    largest size keeps the smaller ones; ``complete`` turns true at the end."""
     checkpoint, config = _timing_checkpoint(opts.preset, cache)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    section.update(
+        preset=PRESETS[opts.preset],
+        checkpoint=str(checkpoint),
+        steps=opts.steps,
+        repeats=opts.repeats,
+        results=rows,
+        complete=False,
+    )
     for dtype in opts.dtypes:
         # Before the weights load, so that the planner does not count them twice.
         budget = resolve_budget(None, detected=gpu.free_bytes() if gpu else None)
@@ -230,6 +268,7 @@ def run_timing(opts: Options, cache: Path, gpu: GpuMemory | None, log: Log) -> d
         except Exception as exc:
             rows += [_failure(exc, size=size, dtype=dtype) for size in opts.sizes]
             log(f"timing {dtype}: ERROR {exc!r}")
+            save()
             continue
         for size in opts.sizes:
             try:
@@ -238,20 +277,22 @@ def run_timing(opts: Options, cache: Path, gpu: GpuMemory | None, log: Log) -> d
                     "dtype": dtype,
                     **_time_decodes(decoder, config, size, budget, opts, gpu),
                 }
-                log(f"timing {size}² {dtype}: median {row['seconds_median']:.3f} s, {_memory_text(row)}")
+                log(f"timing {size}² {dtype}: {_timing_text(row)}")
             except Exception as exc:
                 row = _failure(exc, size=size, dtype=dtype)
                 log(f"timing {size}² {dtype}: ERROR {exc!r}")
             rows.append(row)
+            save()
         del decoder
-    return {
-        "preset": PRESETS[opts.preset],
-        "checkpoint": str(checkpoint),
-        "steps": opts.steps,
-        "repeats": opts.repeats,
-        "passed": all(r["passed"] for r in rows),
-        "results": rows,
-    }
+    section.update(passed=all(r["passed"] for r in rows), complete=True)
+
+
+def _output_check(image: np.ndarray) -> dict[str, Any]:
+    """A timed decode counts only if its image is finite and within the sampler's clamp [-1, 1]."""
+    finite = bool(np.isfinite(image).all())
+    low, high = (float(image.min()), float(image.max())) if finite else (None, None)
+    in_range = finite and -1.0 <= low and high <= 1.0  # type: ignore[operator]
+    return {"finite": finite, "min": low, "max": high, "passed": in_range}
 
 
 def _time_decodes(
@@ -271,10 +312,11 @@ def _time_decodes(
     embs = rng.standard_normal((1, CAPTION_TOKENS, config["txt_embed_dim"])).astype(np.float32)
     budget_bytes, budget_source = budget
     plan = decoder.plan(1, h, h, budget_bytes)
+    images: list[np.ndarray] = []
 
     def decode() -> float:
         start = time.perf_counter()
-        decoder.decode(latents, embs, [0.0], [0], opts.steps, budget_bytes)
+        images[:] = [decoder.decode(latents, embs, [0.0], [0], opts.steps, budget_bytes)]
         _native.synchronize(opts.device)
         return time.perf_counter() - start
 
@@ -289,6 +331,7 @@ def _time_decodes(
         memory, method = peak_rss_bytes(), "VmHWM (peak RSS) of this process, reset before the warm-up"
     else:
         memory, method = None, "not measured: pip install nvidia-ml-py for NVML"
+    output = _output_check(images[0])
     return {
         "latent": [h, h],
         "seconds_median": statistics.median(seconds),
@@ -299,8 +342,18 @@ def _time_decodes(
         "budget_source": budget_source,
         "whole_image": plan["whole"],
         "tiles": len(plan["tiles"]),
-        "passed": True,
+        "output": output,
+        "passed": output["passed"],
     }
+
+
+def _timing_text(row: dict[str, Any]) -> str:
+    out = row["output"]
+    text = f"median {row['seconds_median']:.3f} s, {_memory_text(row)}"
+    if out["passed"]:
+        return text
+    values = f"in [{out['min']:.3f}, {out['max']:.3f}]" if out["finite"] else "not finite"
+    return f"{text}, FAILED: output {values}"
 
 
 def _memory_text(row: dict[str, Any]) -> str:
@@ -308,7 +361,10 @@ def _memory_text(row: dict[str, Any]) -> str:
     return f"peak memory {memory / 2**30:.2f} GiB" if memory else "peak memory not measured"
 
 
-def run_reference(reference: Path, opts: Options, cache: Path, log: Log) -> dict[str, Any]:
+def run_reference(
+    reference: Path, opts: Options, cache: Path, log: Log, section: dict[str, Any], save: Save
+) -> None:
+    """Fills ``section`` size by size, saving the report after each."""
     from .testing.reference import Comparison
 
     checkpoint, _ = _timing_checkpoint(opts.preset, cache)
@@ -321,24 +377,32 @@ def run_reference(reference: Path, opts: Options, cache: Path, log: Log) -> dict
         warmup=1,
         repeats=opts.repeats,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    section.update(
+        checkpoint=str(checkpoint),
+        t_list=comparison.t_list,
+        compute_dtype=comparison.compute_dtype,
+        torch_mode="float32 eager" if opts.device == "cpu" else "bfloat16 autocast",
+        ours="PidNet.sample (network and sampler, same injected noise as the reference)",
+        results=rows,
+    )
     for row in comparison.rows(opts.sizes):
         rows.append(row)
-        if "time_ratio" in row:
-            log(
-                f"reference {row['size']}²: ours/torch time {row['time_ratio']:.2f}x, "
-                f"memory {row.get('memory_ratio', float('nan')):.2f}x, max |diff| {row['max_abs_diff']:.2e}"
-            )
-        else:
-            log(f"reference {row['size']}²: FAILED (see the report)")
-    return {
-        "checkpoint": str(checkpoint),
-        "t_list": comparison.t_list,
-        "compute_dtype": comparison.compute_dtype,
-        "torch_mode": "float32 eager" if opts.device == "cpu" else "bfloat16 autocast",
-        "ours": "PidNet.sample (network and sampler, same injected noise as the reference)",
-        "results": rows,
-    }
+        log(f"reference {row['size']}²: {_reference_text(row)}")
+        save()
+
+
+def _reference_text(row: dict[str, Any]) -> str:
+    if "time_ratio" in row:
+        return (
+            f"ours/torch time {row['time_ratio']:.2f}x, "
+            f"memory {row.get('memory_ratio', float('nan')):.2f}x, max |diff| {row['max_abs_diff']:.2e}"
+        )
+    # The last line of a side's stderr is its exception.
+    errors = "; ".join(
+        f"{s}: {row[s]['error'].splitlines()[-1]}" for s in ("ours", "torch") if "error" in row[s]
+    )
+    return f"FAILED ({errors})"
 
 
 def _cpu_name() -> str:
@@ -373,8 +437,14 @@ def _environment(device: str) -> dict[str, Any]:
     return env
 
 
-def run(opts: Options, log: Log) -> dict[str, Any]:
-    """Every section the options ask for; the report as a JSON-ready dict."""
+def run(
+    opts: Options, log: Log, save: Callable[[dict[str, Any]], None] = lambda report: None
+) -> dict[str, Any]:
+    """Every section the options ask for; the report as a JSON-ready dict.
+
+    ``save`` receives the report as it grows (``complete`` false until the end), so that a run
+    stopped from outside leaves what it measured.
+    """
     cuda = opts.device != "cpu"
     notes = list(opts.notes)
     # Before this process touches the GPU: NVML's device-wide fallback subtracts what is in use.
@@ -391,7 +461,13 @@ def run(opts: Options, log: Log) -> dict[str, Any]:
         "dtypes": opts.dtypes,
         "environment": _environment(opts.device),
         "seeded_cache": str(cache),
+        "notes": notes,
+        "complete": False,
     }
+
+    def checkpoint() -> None:
+        save(report)
+
     if cuda:
         try:
             self_check = _native.kernel_self_check(opts.device)
@@ -400,6 +476,7 @@ def run(opts: Options, log: Log) -> dict[str, Any]:
         report["custom_kernels"] = {"self_check": self_check, "comparisons": []}
     else:
         report["custom_kernels"] = {"applicable": False, "reason": "the custom kernels are CUDA-only"}
+    checkpoint()
     if not opts.skip_parity:
         report["parity"], comparisons = run_parity(opts, cache, log)
         if cuda:
@@ -413,22 +490,27 @@ def run(opts: Options, log: Log) -> dict[str, Any]:
             report["noise"] = _failure(exc)
     else:
         report["noise"] = {"applicable": False, "reason": "compares the GPU's noise with the CPU's"}
+    checkpoint()
     if not opts.skip_timing:
-        report["timing"] = run_timing(opts, cache, gpu, log)
+        report["timing"] = {}
+        run_timing(opts, cache, gpu, log, report["timing"], checkpoint)
     if opts.reference is not None:
-        report["reference"] = run_reference(opts.reference, opts, cache, log)
-    report["notes"] = notes
+        report["reference"] = {}
+        run_reference(opts.reference, opts, cache, log, report["reference"], checkpoint)
     sections = ("parity", "custom_kernels", "noise", "timing")
     report["passed"] = all(report[s].get("passed", True) for s in sections if s in report)
+    report["complete"] = True
+    checkpoint()
     return report
 
 
 def _check_text(check: dict[str, Any]) -> str:
-    """Why a kernel self-check entry or a fallback comparison failed."""
+    """Why a kernel self-check entry or a kernels-off/on comparison failed."""
     if "error" in check:
         return check["error"]
-    if "fallback_parity" in check:
-        return f"the candle-ops fallback: {_row_text(check['fallback_parity'])}"
+    if "custom_vs_fallback" in check:
+        names = ("fallback_parity", "custom_parity", "custom_vs_fallback")
+        return "; ".join(f"{n}: {_row_text(check[n])}" for n in names if not check[n]["passed"])
     return f"max |diff| {check['max_abs_diff']:.2e} > {check['tolerance']:g}"
 
 
@@ -476,26 +558,13 @@ def summary(report: dict[str, Any], out: Path) -> str:
     elif "error" in noise:
         lines.append(f"noise: ERROR {noise['error']}")
     for row in report.get("timing", {}).get("results", []):
-        if row["passed"]:
-            times = " ".join(f"{s:.3f}" for s in row["seconds"])
-            lines.append(
-                f"timing {row['size']}² {row['dtype']}: median {row['seconds_median']:.3f} s [{times}], "
-                f"{_memory_text(row)}"
-            )
-        else:
+        if "error" in row:
             lines.append(f"timing {row['size']}² {row['dtype']}: ERROR {row['error']}")
-    for row in report.get("reference", {}).get("results", []):
-        if "time_ratio" in row:
-            lines.append(
-                f"reference {row['size']}²: ours/torch time {row['time_ratio']:.2f}x, "
-                f"memory {row.get('memory_ratio', float('nan')):.2f}x, max |diff| {row['max_abs_diff']:.2e}"
-            )
         else:
-            # The last line of a side's stderr is its exception.
-            errors = "; ".join(
-                f"{s}: {row[s]['error'].splitlines()[-1]}" for s in ("ours", "torch") if "error" in row[s]
-            )
-            lines.append(f"reference {row['size']}²: FAILED ({errors})")
+            times = " ".join(f"{s:.3f}" for s in row["seconds"])
+            lines.append(f"timing {row['size']}² {row['dtype']}: {_timing_text(row)} [{times}]")
+    for row in report.get("reference", {}).get("results", []):
+        lines.append(f"reference {row['size']}²: {_reference_text(row)}")
     lines.append(f"report: {out}")
     return "\n".join(lines)
 

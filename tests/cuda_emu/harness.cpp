@@ -21,9 +21,19 @@ void emu_gated_add_f32(const float* x, const float* gate, const float* y, float*
     emu_launch({3, 1, 1}, 64, [=] { pid_gated_add_f32(x, gate, y, out, n, d, rows_per_mod); });
 }
 
+void emu_gated_add_bf16(const bf16* x, const bf16* gate, const bf16* y, bf16* out, size_t n, int d,
+                        int rows_per_mod) {
+    emu_launch({3, 1, 1}, 64, [=] { pid_gated_add_bf16(x, gate, y, out, n, d, rows_per_mod); });
+}
+
 void emu_sigma_gate_f32(const float* s, const float* f, const float* logit, const float* offset, float* out,
                         size_t n, int d, int gw, int rows_per_batch) {
     emu_launch({3, 1, 1}, 64, [=] { pid_sigma_gate_f32(s, f, logit, offset, out, n, d, gw, rows_per_batch); });
+}
+
+void emu_sigma_gate_bf16(const bf16* s, const bf16* f, const bf16* logit, const float* offset, bf16* out,
+                         size_t n, int d, int gw, int rows_per_batch) {
+    emu_launch({3, 1, 1}, 64, [=] { pid_sigma_gate_bf16(s, f, logit, offset, out, n, d, gw, rows_per_batch); });
 }
 
 void emu_flash_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int bh, int lq, int lk,
