@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,7 @@ from .latents import euler_to_vp
 from .plugin import capture_plan
 
 OutputType = Literal["pil", "np", "pt"]
-OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt")
+OUTPUT_TYPES: tuple[str, ...] = get_args(OutputType)
 
 # Schedulers whose latent is x = z + sigma * e at ``sigmas[step_index]`` after every step (one
 # model call per step), the frame euler_to_vp converts. Matched by exact class name: a
