@@ -8,7 +8,11 @@ directory extends the suite.
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,22 @@ SEEDED_CACHE = seeded_cache_dir(REPO)
 os.environ.setdefault(GOLDENS_ENV, str(GOLDENS))
 os.environ.setdefault(SEEDED_CACHE_ENV, str(SEEDED_CACHE))
 
-__all__ = ["GOLDENS", "golden_cases", "golden_config", "golden_files", "golden_metadata", "is_full_topology"]
+__all__ = [
+    "GOLDENS",
+    "golden_cases",
+    "golden_config",
+    "golden_files",
+    "golden_metadata",
+    "imported_by",
+    "is_full_topology",
+]
+
+
+def imported_by(code: str, modules: Sequence[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported once it has run ``code``."""
+    probe = f"{code}\nimport sys\nprint([m for m in {list(modules)!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ the backend runs the 4-step sampler (whole image or tiles) -> images in [-1, 1].
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,29 @@ def _per_image(value: Any, batch: int, name: str) -> list[Any]:
     return items
 
 
+def tensor_to_numpy(value: Any) -> Any:
+    """A torch tensor (any device, any float dtype) as a float32 numpy array; anything else as is.
+
+    torch is looked up, never imported: a tensor cannot exist unless its caller imported it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach()
+    if value.is_floating_point():
+        value = value.to(device="cpu", dtype=torch.float32)  # numpy has no bfloat16
+    return value.cpu().numpy()
+
+
 def as_latents(latents: Any, space: LatentSpace) -> np.ndarray:
     """Check and convert latents to float32 ``[B, C, h, w]``.
 
-    Accepts numpy float16/float32/bfloat16 (ml_dtypes) arrays of rank 3 or 4, or anything
-    with ``__array__``. Raises InvalidInputError naming the problem and the fix.
+    Accepts numpy float16/float32/bfloat16 (ml_dtypes) arrays of rank 3 or 4, torch tensors
+    (CPU or CUDA, any float dtype), or anything with ``__array__``. Raises InvalidInputError
+    naming the problem and the fix.
     """
     try:
-        arr = np.asarray(latents)
+        arr = np.asarray(tensor_to_numpy(latents))
     except Exception as exc:
         raise InvalidInputError(
             f"latents must be a numpy array, got {type(latents).__name__}", "latent_type"
@@ -278,8 +294,8 @@ class Decoder:
         """Decode latents to images at ``scale`` times their size.
 
         Args:
-            latents: ``[B, C, h, w]`` or ``[C, h, w]`` (float16/32, bfloat16), in the space's
-                normalised frame (SDXL: the VAE latent times 0.13025).
+            latents: ``[B, C, h, w]`` or ``[C, h, w]`` (float16/32, bfloat16; numpy or torch), in
+                the space's normalised frame (SDXL: the VAE latent times 0.13025).
             caption: one caption for all latents, or one per latent ("" is valid).
             sigma: variance-preserving noise level of a partially denoised latent, scalar or
                 per latent (0 = clean). See :func:`pid_native.latents.euler_to_vp`.
@@ -369,4 +385,4 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-__all__ = ["CancelToken", "DecodeParams", "Decoder", "Plan", "ProgressEvent", "as_latents"]
+__all__ = ["CancelToken", "DecodeParams", "Decoder", "Plan", "ProgressEvent", "as_latents", "tensor_to_numpy"]
