@@ -45,11 +45,11 @@ TIMEOUTS = {
     "install": 60,
     "environment": 30,
     "parity": 100,
-    "timing_kernels_on": 110,
-    "timing_kernels_off": 70,
-    "reference": 70,
-    "sanitizer_memcheck": 40,
-    "sanitizer_racecheck": 40,
+    "timing_kernels_on": 100,
+    "timing_kernels_off": 60,
+    "reference": 60,
+    "sanitizer_memcheck": 35,
+    "sanitizer_racecheck": 35,
 }
 
 
@@ -233,14 +233,14 @@ def step_parity(ctx: Context) -> dict[str, Any]:
     return run_step(ctx, "parity", cmd, files=["parity.json"])
 
 
-def timing_args(ctx: Context) -> list[str]:
+def timing_args(ctx: Context, repeats: int) -> list[str]:
     dtype = "bf16" if ctx.cuda else "f32"
-    return ["--preset", ctx.preset, "--sizes", ctx.sizes, "--repeats", str(ctx.repeats), "--dtypes", dtype]
+    return ["--preset", ctx.preset, "--sizes", ctx.sizes, "--repeats", str(repeats), "--dtypes", dtype]
 
 
 def step_timing(ctx: Context, kernels: bool) -> dict[str, Any]:
     name = f"timing_kernels_{'on' if kernels else 'off'}"
-    cmd = selftest(ctx, f"{name}.json", "--skip-parity", *timing_args(ctx))
+    cmd = selftest(ctx, f"{name}.json", "--skip-parity", *timing_args(ctx, ctx.repeats))
     return run_step(
         ctx, name, cmd, env=ctx.env(PID_CUDA_KERNELS="1" if kernels else "0"), files=[f"{name}.json"]
     )
@@ -255,7 +255,8 @@ def step_reference(ctx: Context) -> dict[str, Any]:
         }
         return record(ctx, row)
     cmd = selftest(ctx, "reference.json", "--skip-parity", "--skip-timing", "--reference", str(ctx.reference))
-    return run_step(ctx, "reference", [*cmd, *timing_args(ctx)], files=["reference.json"])
+    # One timed run per side after a warm-up: each size costs two processes loading the weights.
+    return run_step(ctx, "reference", [*cmd, *timing_args(ctx, 1)], files=["reference.json"])
 
 
 def find_sanitizer(ctx: Context) -> str | None:
