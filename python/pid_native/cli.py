@@ -78,12 +78,13 @@ def _save(images: Sequence[Any], out: Path, extra: dict[str, str]) -> list[Path]
 
 
 def _is_batch(args: argparse.Namespace) -> bool:
-    """Several inputs, a directory, glob or manifest, or ``-o`` a directory: a batch run."""
+    """Several inputs, a directory, glob or manifest, ``-o`` a directory, or ``--ray``: a batch run."""
     from .batch import MANIFEST_SUFFIX, has_pattern
 
     spec = args.inputs[0]
     batch = (
         len(args.inputs) > 1
+        or args.ray is not None
         or Path(spec).is_dir()
         or Path(spec).suffix == MANIFEST_SUFFIX
         or (not Path(spec).exists() and has_pattern(spec))
@@ -100,7 +101,7 @@ def _is_batch(args: argparse.Namespace) -> bool:
 
 
 def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> int:
-    """Decode or upscale many items into ``-o DIR``; exit code 1 if any failed."""
+    """Decode or upscale many items into ``-o DIR``, locally or on Ray; exit code 1 if any failed."""
     from tqdm import tqdm
 
     from . import batch
@@ -119,12 +120,27 @@ def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> 
     bar = tqdm(total=len(items), desc=mode, unit="item", disable=not sys.stderr.isatty())
     with batch.Report(Path(args.report) if args.report else out_dir / batch.REPORT_NAME) as report:
         try:
-            from .decoder import Decoder
+            if args.ray is not None:
+                from . import ray as pid_ray
 
-            dec = Decoder.open(weights, **options)
-            results = batch.run(
-                dec, items, mode, progress=lambda event: bar.set_postfix_str(str(event)), **settings
-            )
+                results = pid_ray.run(
+                    items,
+                    weights,
+                    mode,
+                    address=args.ray or None,
+                    workers=args.ray_workers,
+                    cpus_per_worker=args.ray_cpus,
+                    gpus_per_worker=args.ray_gpus,
+                    **settings,
+                    **options,
+                )
+            else:
+                from .decoder import Decoder
+
+                dec = Decoder.open(weights, **options)
+                results = batch.run(
+                    dec, items, mode, progress=lambda event: bar.set_postfix_str(str(event)), **settings
+                )
             for result in results:
                 report.add(result)
                 bar.update(1)
@@ -309,6 +325,18 @@ def _add_batch_args(p: argparse.ArgumentParser, what: str) -> None:
         default=DEFAULT_BATCH_SIZE,
         help=f"latents of one shape per decode call (default {DEFAULT_BATCH_SIZE})",
     )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster (pip install 'pid-native[ray]'): ADDRESS as for ray.init (auto, "
+        "ray://host:10001); without it RAY_ADDRESS's cluster or a new local one. Put it after the "
+        "inputs or write --ray=ADDRESS",
+    )
+    g.add_argument("--ray-workers", type=int, help="Ray actors, one decoder each (default: what fits)")
+    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray actor (default 1)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray actor (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
