@@ -229,3 +229,15 @@ def test_overwrite_redoes_and_damaged_outputs_are_redone(dec, tmp_path: Path) ->
     assert [r.status for r in batch.run(dec, items, steps=1)] == ["skipped"]
     assert [r.status for r in batch.run(dec, items, steps=1, overwrite=True)] == ["done"]
     assert (tmp_path / "out" / "x.png").stat().st_ino != inode
+
+
+def test_ray_without_ray_installed_names_the_extra(synth_bundle: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "site" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named ray (hidden by the test)')\n")
+    np.save(tmp_path / "x.npy", np.zeros((4, 2, 2), np.float32))
+    out = tmp_path / "out"
+    cmd = ("decode", str(tmp_path / "x.npy"), "--ray", "-o", str(out), "--weights", str(synth_bundle))
+    r = run(*cmd, env={"PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 1 and "[ray_missing]" in r.stderr and "pid-native[ray]" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not out.exists()

@@ -76,3 +76,13 @@ def test_ray_job_matches_the_single_process_run(cluster: str, synth_bundle: Path
     again = list(pid_ray.run(ray_items, synth_bundle, workers=2, batch_size=2, steps=2))
     assert sorted(r.status for r in again) == ["failed"] * 2 + ["skipped"] * 6
     assert {p: p.stat().st_ino for p in out.glob("*.png")} == inodes
+
+
+def test_an_actor_whose_decoder_cannot_open_fails_its_items(cluster: str, synth_bundle: Path) -> None:
+    items = [batch.Item(input=Path(f"/nowhere/{i}.npy"), output=Path(f"/nowhere/{i}.png")) for i in range(2)]
+    actor = pid_ray.DecodeBatches(str(synth_bundle), backend="no-such-backend")
+    rows = actor({pid_ray.ITEM_COLUMN: np.array([item.model_dump_json() for item in items], dtype=object)})
+    results = [pid_ray.result({pid_ray.RESULT_COLUMN: row}) for row in rows[pid_ray.RESULT_COLUMN]]
+    assert [r.item for r in results] == items
+    assert {(r.status, r.code) for r in results} == {("failed", "unknown_backend")}
+    assert "no-such-backend" in str(results[0].error)

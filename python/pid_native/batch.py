@@ -95,9 +95,10 @@ class ItemResult:
         item = Item.model_validate({k: row[k] for k in Item.model_fields})
         return cls(item, row["status"], [Path(p) for p in row["outputs"]], row["code"], row["error"])
 
-
-def _failed(item: Item, exc: Exception) -> ItemResult:
-    return ItemResult(item, "failed", code=getattr(exc, "code", type(exc).__name__), error=str(exc))
+    @classmethod
+    def failure(cls, item: Item, exc: Exception) -> ItemResult:
+        """``item`` failed with ``exc`` (its ``code``, else the exception's type)."""
+        return cls(item, "failed", code=getattr(exc, "code", type(exc).__name__), error=str(exc))
 
 
 def load_latent_file(path: Path) -> np.ndarray:
@@ -313,7 +314,7 @@ def run(
         try:
             pending = _prepare(decoder, item, mode, overwrite)
         except (PidError, OSError) as exc:
-            yield _failed(item, exc)
+            yield ItemResult.failure(item, exc)
             continue
         if pending is None:
             yield ItemResult(item, "skipped")
@@ -348,7 +349,7 @@ def _decode_group(
         raise
     except PidError as exc:
         if len(group) == 1:
-            yield _failed(group[0].item, exc)
+            yield ItemResult.failure(group[0].item, exc)
         else:  # e.g. a batch over the memory budget: each item alone may still fit
             for p in group:
                 yield from _decode_group(decoder, [p], steps, progress, cancel)
@@ -361,7 +362,7 @@ def _decode_group(
             for out, seed, picture in zip(p.outputs, p.seeds, mine, strict=True):
                 save_png(picture, out, {"pid-caption": p.item.caption, "pid-seed": str(seed)})
         except OSError as exc:
-            yield _failed(p.item, exc)
+            yield ItemResult.failure(p.item, exc)
             continue
         yield ItemResult(p.item, "done", list(p.outputs))
 
@@ -398,12 +399,6 @@ class Report:
         lines += [f"  FAILED {r.item.input}: [{r.code}] {r.error}" for r in self.failures]
         lines.append(f"report: {self.path}")
         return "\n".join(lines)
-
-    def __enter__(self) -> Report:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = [

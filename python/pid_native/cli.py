@@ -118,39 +118,43 @@ def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> 
     weights, options = _open_args(args)
     settings = {"steps": args.steps, "batch_size": args.batch_size, "overwrite": args.overwrite}
     bar = tqdm(total=len(items), desc=mode, unit="item", disable=not sys.stderr.isatty())
-    with batch.Report(Path(args.report) if args.report else out_dir / batch.REPORT_NAME) as report:
-        try:
-            if args.ray is not None:
-                from . import ray as pid_ray
+    report = None
+    try:
+        if args.ray is not None:
+            from . import ray as pid_ray
 
-                results = pid_ray.run(
-                    items,
-                    weights,
-                    mode,
-                    address=args.ray or None,
-                    workers=args.ray_workers,
-                    cpus_per_worker=args.ray_cpus,
-                    gpus_per_worker=args.ray_gpus,
-                    **settings,
-                    **options,
-                )
-            else:
-                from .decoder import Decoder
+            results = pid_ray.run(
+                items,
+                weights,
+                mode,
+                address=args.ray or None,
+                workers=args.ray_workers,
+                cpus_per_worker=args.ray_cpus,
+                gpus_per_worker=args.ray_gpus,
+                **settings,
+                **options,
+            )
+        else:
+            from .decoder import Decoder
 
-                dec = Decoder.open(weights, **options)
-                results = batch.run(
-                    dec, items, mode, progress=lambda event: bar.set_postfix_str(str(event)), **settings
-                )
-            for result in results:
-                report.add(result)
-                bar.update(1)
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume", file=sys.stderr)
-            raise
-        finally:
-            bar.close()
+            dec = Decoder.open(weights, **options)
+            results = batch.run(
+                dec, items, mode, progress=lambda event: bar.set_postfix_str(str(event)), **settings
+            )
+        # Only now: a missing extra or unreadable weights fail before any report is written.
+        report = batch.Report(Path(args.report) if args.report else out_dir / batch.REPORT_NAME)
+        for result in results:
+            report.add(result)
+            bar.update(1)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if report is not None:
+            report.close()
             print(report.summary())
-    return 1 if report.failures else 0
+    return 1 if report and report.failures else 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from .batch import DEFAULT_BATCH_SIZE, Item, ItemResult, Mode
 from .batch import run as run_local
-from .errors import InvalidInputError, MissingDependencyError
+from .errors import InvalidInputError, MissingDependencyError, PidError
 
 try:
     import ray
@@ -93,27 +93,37 @@ class DecodeBatches:
                 vae, memory_budget, space, ...).
         """
         # The engine's thread pool would otherwise take every core of the node, however many
-        # CPUs Ray gave this actor; it reads the variable when it first runs.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        # CPUs Ray gave this actor; it reads the variable when it first runs. (Outside an actor,
+        # in a driver, nothing was assigned.)
+        context = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU") if context.get_actor_id() else None
         if cpus:
             os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, int(cpus))))
         from .decoder import Decoder
 
-        self.decoder = Decoder.open(weights, **open_kwargs)
+        try:
+            self.decoder: Decoder | PidError = Decoder.open(weights, **open_kwargs)
+        except PidError as exc:
+            # Each of this actor's items then fails with the reason, in the report, rather than
+            # Ray retrying the actor and ending the whole job with a traceback.
+            self.decoder = exc
         self.mode: Mode = mode
         self.steps = steps
         self.overwrite = overwrite
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [Item.model_validate_json(row) for row in batch[ITEM_COLUMN]]
-        results = run_local(
-            self.decoder,
-            items,
-            self.mode,
-            steps=self.steps,
-            batch_size=len(items),
-            overwrite=self.overwrite,
-        )
+        if isinstance(self.decoder, PidError):
+            results: Iterable[ItemResult] = [ItemResult.failure(item, self.decoder) for item in items]
+        else:
+            results = run_local(
+                self.decoder,
+                items,
+                self.mode,
+                steps=self.steps,
+                batch_size=len(items),
+                overwrite=self.overwrite,
+            )
         return {RESULT_COLUMN: np.array([json.dumps(r.to_json()) for r in results], dtype=object)}
 
 
