@@ -38,8 +38,8 @@ LATENT_SUFFIXES = (".npy", ".npz", ".safetensors")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_SUFFIX = ".jsonl"
 REPORT_NAME = "pid-report.jsonl"
-# Measured on the 2-core CPU VM (README, "Many images"): 4 latents per call were no faster than
-# one at a time, so items are decoded one by one unless asked otherwise.
+# Measured on the 2-core CPU VM (README, "Many images"): several latents per decode call were no
+# faster than one at a time, on the mini or the real network, so items go one by one by default.
 DEFAULT_BATCH_SIZE = 1
 
 

@@ -54,8 +54,9 @@ def _open_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         )
     options = {
         "backend": args.backend,
-        "gemma": args.gemma,
-        "vae": args.vae,
+        # Absolute: Ray actors open the decoder from their own working directory.
+        "gemma": Path(args.gemma).absolute() if args.gemma else None,
+        "vae": Path(args.vae).absolute() if args.vae else None,
         "memory_budget": args.memory_budget,
         "space": args.space,
     }
