@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import InvalidInputError, MissingFileError, PidError
 from .provision.bundle import BUNDLE_ENV, default_bundle_dir
@@ -43,9 +43,8 @@ def _default_bundle() -> Path:
     return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
 
 
-def _open(args: argparse.Namespace) -> Any:
-    from .decoder import Decoder
-
+def _open_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The weights and the ``Decoder.open`` options the arguments ask for."""
     weights = Path(args.weights) if args.weights else _default_bundle()
     if not weights.exists():
         raise MissingFileError(
@@ -53,51 +52,120 @@ def _open(args: argparse.Namespace) -> Any:
             f"or try `pid-native demo --synthetic`",
             "not_provisioned",
         )
-    return Decoder.open(
-        weights,
-        backend=args.backend,
-        gemma=args.gemma,
-        vae=args.vae,
-        memory_budget=args.memory_budget,
-        space=args.space,
-    )
+    options = {
+        "backend": args.backend,
+        # Absolute: Ray actors open the decoder from their own working directory.
+        "gemma": Path(args.gemma).absolute() if args.gemma else None,
+        "vae": Path(args.vae).absolute() if args.vae else None,
+        "memory_budget": args.memory_budget,
+        "space": args.space,
+    }
+    return weights, options
 
 
-def _load_latent(path: Path) -> Any:
-    import numpy as np
+def _open(args: argparse.Namespace) -> Any:
+    from .decoder import Decoder
 
-    if not path.is_file():
-        raise MissingFileError(f"latent file not found: {path}", "missing_file")
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return z["latents"] if "latents" in z else z[z.files[0]]
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(path))
-        return tensors["latents"] if "latents" in tensors else next(iter(tensors.values()))
-    raise InvalidInputError(
-        f"unsupported latent file {path.name}: use .npy, .npz or .safetensors", "latent_format"
-    )
+    weights, options = _open_args(args)
+    return Decoder.open(weights, **options)
 
 
 def _save(images: Sequence[Any], out: Path, extra: dict[str, str]) -> list[Path]:
+    from .batch import output_paths
     from .images import save_png
 
-    if len(images) == 1:
-        return [save_png(images[0], out, extra)]
-    return [
-        save_png(img, out.with_name(f"{out.stem}_{i}{out.suffix}"), extra) for i, img in enumerate(images)
-    ]
+    paths = output_paths(out, len(images))
+    return [save_png(img, path, extra) for img, path in zip(images, paths, strict=True)]
+
+
+def _is_batch(args: argparse.Namespace) -> bool:
+    """Several inputs, a directory, glob or manifest, ``-o`` a directory, or ``--ray``: a batch run."""
+    from .batch import MANIFEST_SUFFIX, has_pattern
+
+    spec = args.inputs[0]
+    batch = (
+        len(args.inputs) > 1
+        or args.ray is not None
+        or Path(spec).is_dir()
+        or Path(spec).suffix == MANIFEST_SUFFIX
+        or (not Path(spec).exists() and has_pattern(spec))
+        or Path(args.output).is_dir()
+        or args.output.endswith(("/", os.sep))
+    )
+    if not batch and (args.overwrite or args.report):
+        raise InvalidInputError(
+            "--overwrite and --report apply to batch runs (several inputs, a directory, a glob or a "
+            "manifest); to write one input into a directory, end -o with /",
+            "batch_only",
+        )
+    return batch
+
+
+def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> int:
+    """Decode or upscale many items into ``-o DIR``, locally or on Ray; exit code 1 if any failed."""
+    from tqdm import tqdm
+
+    from . import batch
+
+    out_dir = Path(args.output)
+    if out_dir.suffix.lower() in batch.IMAGE_SUFFIXES and not out_dir.is_dir():
+        raise InvalidInputError(
+            f"-o {out_dir} names a file, but a batch run writes into a directory: pass -o DIR",
+            "output_dir",
+        )
+    items = batch.collect(
+        args.inputs, out_dir, mode, caption=args.caption, seed=args.seed, sigma=getattr(args, "sigma", 0.0)
+    )
+    weights, options = _open_args(args)
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "overwrite": args.overwrite}
+    bar = tqdm(total=len(items), desc=mode, unit="item", disable=not sys.stderr.isatty())
+    report = None
+    try:
+        if args.ray is not None:
+            from . import ray as pid_ray
+
+            results = pid_ray.run(
+                items,
+                weights,
+                mode,
+                address=args.ray or None,
+                workers=args.ray_workers,
+                cpus_per_worker=args.ray_cpus,
+                gpus_per_worker=args.ray_gpus,
+                **settings,
+                **options,
+            )
+        else:
+            from .decoder import Decoder
+
+            dec = Decoder.open(weights, **options)
+            results = batch.run(
+                dec, items, mode, progress=lambda event: bar.set_postfix_str(str(event)), **settings
+            )
+        # Only now: a missing extra or unreadable weights fail before any report is written.
+        report = batch.Report(Path(args.report) if args.report else out_dir / batch.REPORT_NAME)
+        for result in results:
+            report.add(result)
+            bar.update(1)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if report is not None:
+            report.close()
+            print(report.summary())
+    return 1 if report and report.failures else 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from .batch import load_latent_file
     from .images import to_pil
 
+    if _is_batch(args):
+        return _run_batch(args, "decode")
     dec = _open(args)
-    latents = _load_latent(Path(args.latent))
+    latents = load_latent_file(Path(args.inputs[0]))
     update, close = _progress_bar("decode")
     t0 = time.perf_counter()
     try:
@@ -115,10 +183,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    if _is_batch(args):
+        return _run_batch(args, "upscale")
+    return _upscale_one(args, args.inputs[0])
+
+
+def _upscale_one(args: argparse.Namespace, image: str | Path) -> int:
     dec = _open(args)
     update, close = _progress_bar("upscale")
     try:
-        img = dec.upscale(args.image, args.caption, seed=args.seed, steps=args.steps, progress=update)
+        img = dec.upscale(image, args.caption, seed=args.seed, steps=args.steps, progress=update)
     finally:
         close()
     _save([img], Path(args.output), {"pid-caption": args.caption})
@@ -138,9 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "*** `pid-native fetch --accept-license`.",
             file=sys.stderr,
         )
-    args.image = str(DEMO_IMAGE)
     args.caption = args.caption or "a lake below green hills under a blue sky with white clouds and the sun"
-    return cmd_upscale(args)
+    return _upscale_one(args, DEMO_IMAGE)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -238,6 +311,45 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
 
 
+def _add_batch_args(p: argparse.ArgumentParser, what: str) -> None:
+    from .batch import DEFAULT_BATCH_SIZE, REPORT_NAME
+
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar=what.upper(),
+        help=f"{what} files, directories, glob patterns, or a .jsonl manifest (one JSON object a line: "
+        '"input", and optionally "caption", "seed", "sigma", "output")',
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help=f"output PNG for one {what}; for several, a directory (created) receiving <name>.png each",
+    )
+    g = p.add_argument_group("batch runs")
+    g.add_argument("--overwrite", action="store_true", help="redo items whose output PNG already exists")
+    g.add_argument("--report", help=f"JSONL report, a line per item (default: -o DIR/{REPORT_NAME})")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"latents of one shape per decode call (default {DEFAULT_BATCH_SIZE})",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster (pip install 'pid-native[ray]'): ADDRESS as for ray.init (auto, "
+        "ray://host:10001); without it RAY_ADDRESS's cluster or a new local one. Put it after the "
+        "inputs or write --ray=ADDRESS",
+    )
+    g.add_argument("--ray-workers", type=int, help="Ray actors, one decoder each (default: what fits)")
+    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray actor (default 1)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray actor (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pid-native",
@@ -247,17 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("decode", help="decode a latent file (.npy/.npz/.safetensors) to PNG")
-    p.add_argument("latent")
-    p.add_argument("-o", "--output", required=True)
+    p = sub.add_parser("decode", help="decode latent files (.npy/.npz/.safetensors) to PNG")
+    _add_batch_args(p, "latent")
     p.add_argument("--sigma", type=float, default=0.0, help="VP noise level of a partially denoised latent")
     _add_sampling_args(p)
     _add_weights_args(p)
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("upscale", help="upscale an image 4x (SDXL VAE encode + PiD decode)")
-    p.add_argument("image")
-    p.add_argument("-o", "--output", required=True)
+    p = sub.add_parser("upscale", help="upscale images 4x (SDXL VAE encode + PiD decode)")
+    _add_batch_args(p, "image")
     _add_sampling_args(p)
     _add_weights_args(p)
     p.set_defaults(func=cmd_upscale)

@@ -358,6 +358,23 @@ class Decoder:
         """SDXL VAE encode: ``[B, 3, H, W]`` in [-1, 1] to the scaled posterior mean ``[B, 4, H/8, W/8]``."""
         return self._engine.vae_encode(np.ascontiguousarray(images, dtype=np.float32))
 
+    def encode_image(self, image: Any) -> np.ndarray:
+        """The latent :meth:`upscale` decodes: the image cropped to a multiple of 16, VAE-encoded.
+
+        Args:
+            image: a PIL image, a path, or a float array ``[3, H, W]`` in [-1, 1].
+
+        Returns:
+            float32 ``[1, 4, H/8, W/8]``.
+        """
+        from .images import load_image
+
+        if self.space.name != "sdxl":
+            raise InvalidInputError(
+                f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space"
+            )
+        return self.vae_encode(load_image(image))
+
     def upscale(self, image: Any, caption: str = "", **kwargs: Any) -> Any:
         """Upscale an image 4x with PiD: crop to a multiple of 16, VAE-encode, decode.
 
@@ -369,14 +386,9 @@ class Decoder:
         Returns:
             The upscaled PIL image.
         """
-        from .images import load_image, to_pil
+        from .images import to_pil
 
-        if self.space.name != "sdxl":
-            raise InvalidInputError(
-                f"upscale needs the SDXL VAE; this decoder serves {self.space.name}", "space"
-            )
-        latent = self.vae_encode(load_image(image))
-        return to_pil(self.decode(latent, caption, **kwargs))[0]
+        return to_pil(self.decode(self.encode_image(image), caption, **kwargs))[0]
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -65,6 +65,12 @@ class BackendUnavailableError(PidError, RuntimeError):
     code = "backend_unavailable"
 
 
+class MissingDependencyError(PidError, ImportError):
+    """An optional feature's package is not installed (the message names the extra)."""
+
+    code = "missing_dependency"
+
+
 class Cancelled(PidError):
     """The decode was stopped through its cancel token or by Ctrl-C."""
 
@@ -77,6 +83,7 @@ __all__ = [
     "Cancelled",
     "InvalidInputError",
     "LicenseError",
+    "MissingDependencyError",
     "MissingFileError",
     "PidError",
     "ProvisioningError",

@@ -34,15 +34,23 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], extra: dict[str, str] | None = None) -> Path:
-    """Write a PNG with a text chunk stating the research/evaluation-only restriction."""
+    """Write a PNG with a text chunk stating the research/evaluation-only restriction.
+
+    Atomically (through ``<name>.partial``), creating the folder if needed.
+    """
     meta = PngImagePlugin.PngInfo()
     meta.add_text("pid-license", LICENSE_NOTE)
     for k, v in (extra or {}).items():
         meta.add_text(k, v)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    image.save(tmp, format="PNG", pnginfo=meta)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C and full disks included: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
