@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingFileError, PidError
-from .provision.bundle import BUNDLE_ENV, default_bundle_dir
+from .provisioning.bundle import BUNDLE_ENV, default_bundle_dir
 
 DATA = Path(__file__).parent / "data"
 DEMO_IMAGE = DATA / "demo.png"
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.set_defaults(func=cmd_selftest)
 
-    from .provision.cli import add_fetch_parser, add_verify_parser
+    from .provisioning.cli import add_fetch_parser, add_verify_parser
 
     add_fetch_parser(sub)
     add_verify_parser(sub)

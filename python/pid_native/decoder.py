@@ -185,7 +185,7 @@ class Decoder:
 
         Args:
             path: a PiD ``.safetensors`` checkpoint, or a bundle directory written by
-                ``pid-native fetch`` / ``pid_native.provision`` (checkpoint + ``gemma/`` + ``vae/``).
+                ``pid-native fetch`` / ``pid_native.provision()`` (checkpoint + ``gemma/`` + ``vae/``).
             backend: ``"auto"``, ``"candle-cpu"``, ``"candle-cuda"``, ``"mlx"`` or a registered name.
             device: backend device string (``"cpu"``, ``"cuda:0"``); the backend's default if None.
             gemma: Gemma-2-2b-it directory (config.json, tokenizer.json, safetensors); overrides the bundle's.
@@ -204,7 +204,7 @@ class Decoder:
         """
         path = Path(path)
         if path.is_dir():
-            from .provision.bundle import load_bundle
+            from .provisioning.bundle import load_bundle
 
             bundle = load_bundle(path)
             checkpoint, bundle_space = bundle.checkpoint, bundle.space

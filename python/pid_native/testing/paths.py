@@ -52,7 +52,7 @@ def seeded_cache_dir(root: Path | None = None) -> Path:
     root = root or repo_root()
     if root is not None:
         return root / "target" / "pid-seeded"
-    from ..provision.bundle import pid_native_home
+    from ..provisioning.bundle import pid_native_home
 
     return pid_native_home() / "seeded"
 

@@ -42,9 +42,7 @@ BUNDLE_ENV = "PID_NATIVE_BUNDLE"  # the bundle the command line uses when none i
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 GEMMA_FILES = ("config.json", "tokenizer.json")
 
-_FETCH_HINT = (
-    "run `pid-native fetch --accept-license` (Python: pid_native.provision.provision(accept_license=True))"
-)
+_FETCH_HINT = "run `pid-native fetch --accept-license` (Python: pid_native.provision(accept_license=True))"
 
 
 class BundleFile(BaseModel):
@@ -232,7 +230,7 @@ def read_lock(root: Path) -> Lock | None:
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Open a bundle directory: check that every file a decoder needs is there.
 
-    Cheap: file sizes and checksums are not read (that is :func:`pid_native.provision.verify`).
+    Cheap: file sizes and checksums are not read (that is :func:`pid_native.provisioning.verify`).
 
     Raises:
         MissingFileError: listing everything that is missing and how to provision it
