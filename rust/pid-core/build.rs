@@ -36,7 +36,8 @@ fn compile_kernels() {
     if cap < 80 {
         panic!("pid-native's CUDA kernels need compute capability 8.0+ (bf16 tensor cores); CUDA_COMPUTE_CAP={cap}");
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("pid_kernels.ptx");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("pid_kernels.ptx");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}")])
         .arg("-o")
