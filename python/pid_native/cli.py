@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtypes", help="compute dtypes: f32,bf16,f16 (default: f32,bf16 on CUDA, f32 on the CPU)"
     )
     p.add_argument(
-        "--goldens", type=Path, help="golden directory (default: $PID_GOLDENS, else the checkout's)"
+        "--goldens",
+        type=Path,
+        help="golden directory (default: the checkout's); $PID_GOLDENS adds directories to it",
     )
     p.add_argument("--sizes", default="2048,4096", help="output sizes to time (latent = size/32)")
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per size, after one warm-up")

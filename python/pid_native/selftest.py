@@ -271,10 +271,11 @@ def _time_decodes(
     embs = rng.standard_normal((1, CAPTION_TOKENS, config["txt_embed_dim"])).astype(np.float32)
     budget_bytes, budget_source = budget
     plan = decoder.plan(1, h, h, budget_bytes)
+    request = _native.DecodeRequest(decoder.config, latents, embs, [0.0], [0], opts.steps, plan)
 
     def decode() -> float:
         start = time.perf_counter()
-        decoder.decode(latents, embs, [0.0], [0], opts.steps, budget_bytes)
+        decoder.decode(request)
         _native.synchronize(opts.device)
         return time.perf_counter() - start
 
@@ -297,8 +298,8 @@ def _time_decodes(
         "memory_method": method,
         "budget_bytes": budget_bytes,
         "budget_source": budget_source,
-        "whole_image": plan["whole"],
-        "tiles": len(plan["tiles"]),
+        "whole_image": plan.whole,
+        "tiles": len(plan.tiles),
         "passed": True,
     }
 
