@@ -1,9 +1,9 @@
-"""Shared fixtures: the golden fixture directory and cached seeded weights.
+"""Shared fixtures: the golden fixture directories and cached seeded weights.
 
-``PID_GOLDENS`` names the golden directory (default: ``../shared/goldens`` beside the checkout,
-else ``tests/goldens``; see ``pid_native.testing.paths``). Every parity test is parametrised
-over *every* file of its kind found there, so dropping more files of the same format into the
-directory extends the suite.
+The golden files are the bundled ``tests/goldens`` plus every directory of ``PID_GOLDENS``
+(``os.pathsep``-separated; see ``pid_native.testing.paths``). Every parity test is
+parametrised over *every* file of its kind found there, so a directory of more files of the
+same format extends the suite.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from pid_native.testing.goldens import (  # re-exported for the test modules
     is_full_topology,
     seeded_checkpoint,
 )
-from pid_native.testing.paths import GOLDENS_ENV, SEEDED_CACHE_ENV, goldens_dir, seeded_cache_dir
+from pid_native.testing.paths import GOLDENS_ENV, SEEDED_CACHE_ENV, seeded_cache_dir
 
 # The package may be installed from a wheel (CI), so anchor the defaults at this checkout, for
-# this process and the CLI subprocesses the tests start.
+# this process and the CLI subprocesses the tests start: its bundled goldens come first.
 REPO = Path(__file__).resolve().parent.parent
-GOLDENS = goldens_dir(REPO)
+GOLDENS = REPO / "tests" / "goldens"
 SEEDED_CACHE = seeded_cache_dir(REPO)
-os.environ.setdefault(GOLDENS_ENV, str(GOLDENS))
+os.environ[GOLDENS_ENV] = os.pathsep.join([str(GOLDENS), *filter(None, [os.environ.get(GOLDENS_ENV)])])
 os.environ.setdefault(SEEDED_CACHE_ENV, str(SEEDED_CACHE))
 
 __all__ = [

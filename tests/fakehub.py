@@ -14,7 +14,7 @@ Every request is logged (:attr:`FakeHub.requests`) and faults can be injected pe
 (:meth:`FakeHub.fault`): drop the connection mid-body, serve corrupted bytes, or stall.
 
 Run as a script, it is the client side of a test: ``python fakehub.py '<json calls>'``
-makes ``pid_native.provision`` calls in a fresh interpreter (so huggingface_hub reads
+makes ``pid_native.provision()`` calls in a fresh interpreter (so huggingface_hub reads
 ``HF_ENDPOINT``/``HF_HOME`` from the environment the test set) and prints one JSON line
 with, per call, the result or the error and every progress event.
 """
@@ -290,16 +290,16 @@ def _event_log(events: list[dict[str, Any]]) -> Any:
 
 
 def _client(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one ``pid_native.provision`` call described by ``spec`` (``call``, ``kwargs``)."""
-    from pid_native import PidError, provision
+    """Run one ``provision()`` or ``provisioning.plan()`` call; ``spec`` has ``call`` and ``kwargs``."""
+    from pid_native import PidError, provision, provisioning
 
     events: list[dict[str, Any]] = []
     kwargs = dict(spec.get("kwargs", {}))
     try:
         if spec["call"] == "provision":
-            result: Any = str(provision.provision(progress=_event_log(events), **kwargs))
+            result: Any = str(provision(progress=_event_log(events), **kwargs))
         elif spec["call"] == "plan":
-            result = provision.plan(**kwargs).model_dump(mode="json")
+            result = provisioning.plan(**kwargs).model_dump(mode="json")
         else:
             raise ValueError(f"unknown call {spec['call']!r}")
     except PidError as exc:

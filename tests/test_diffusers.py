@@ -26,7 +26,6 @@ from conftest import imported_by  # noqa: E402
 from pid_native import Decoder, InvalidInputError, MissingFileError  # noqa: E402
 from pid_native.decoder import as_latents  # noqa: E402
 from pid_native.images import LICENSE_NOTE, to_uint8  # noqa: E402
-from pid_native.latents import latent_space  # noqa: E402
 from pid_native.testing.synth import vae_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -178,11 +177,10 @@ def test_latent_output_decodes_like_the_decoder(pipe: Any, decoder: Decoder) -> 
 def test_decoder_takes_torch_tensors_of_any_float_dtype(decoder: Decoder) -> None:
     base = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     exact = base.float().numpy()  # bf16 values are exact in f16 and f32 too
-    space = latent_space("sdxl")
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        np.testing.assert_array_equal(as_latents(base.to(dtype), space), exact)
+        np.testing.assert_array_equal(as_latents(base.to(dtype)), exact)
     graph = base.float().requires_grad_()
-    np.testing.assert_array_equal(as_latents(graph.transpose(2, 3), space), exact.transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(as_latents(graph.transpose(2, 3)), exact.transpose(0, 1, 3, 2))
     np.testing.assert_array_equal(decoder.decode(base, PROMPT, seed=5), decoder.decode(exact, PROMPT, seed=5))
     with pytest.raises(InvalidInputError, match="floating point") as err:
         decoder.decode(torch.ones(1, 4, 2, 2, dtype=torch.int32))
@@ -192,8 +190,8 @@ def test_decoder_takes_torch_tensors_of_any_float_dtype(decoder: Decoder) -> Non
 def test_no_torch_import_without_torch_input() -> None:
     code = (
         "import numpy as np, pid_native.diffusers;"
-        "from pid_native.decoder import as_latents; from pid_native.latents import latent_space;"
-        "as_latents(np.zeros((1, 4, 2, 2), np.float32), latent_space('sdxl'))"
+        "from pid_native.decoder import as_latents;"
+        "as_latents(np.zeros((1, 4, 2, 2), np.float32))"
     )
     assert imported_by(code, ("torch", "diffusers", "transformers")) == []
 
@@ -307,7 +305,7 @@ def test_one_early_stop_serves_several_runs(pipe: Any) -> None:
 
 def test_bad_inputs_raise_clear_errors(pipe: Any, decoder: Decoder) -> None:
     sd3_like = torch.randn(1, 16, 4, 4)  # SD3 and Flux pipelines' latents have 16 channels
-    with pytest.raises(InvalidInputError, match="16 channels, the sdxl space expects 4") as err:
+    with pytest.raises(InvalidInputError, match="16 channels but this checkpoint expects 4") as err:
         pid.decode(sd3_like, PROMPT, decoder=decoder)
     assert err.value.code == "latent_channels"
 

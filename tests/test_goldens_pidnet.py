@@ -7,10 +7,13 @@ tensor's error in forward order, so the first diverging module is visible.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from conftest import golden_files, golden_metadata, is_full_topology
 from pid_native import _native
@@ -24,6 +27,7 @@ from pid_native.testing.goldens import (
     sample_args,
     seeded_checkpoint,
 )
+from pid_native.testing.paths import GOLDENS_ENV
 
 
 def _params() -> list:
@@ -75,3 +79,21 @@ def test_golden_pidnet(path: Path, case: str, seeded_cache: Path) -> None:
     v, trace = net.forward(inp["x"], inp["t"], inp["y"], inp["lq_latent"], inp["sigma"], trace=True)
     err = float(np.abs(v - golden[f"out.{case}.v"]).max())
     assert err <= V_TOL, f"v max abs error {err:.3e} > {V_TOL}; traces:\n{_trace_report(golden, case, trace)}"
+
+
+def test_pid_goldens_adds_directories_of_any_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PID_GOLDENS`` adds its directories to the bundled ones, each with only some kinds; a file
+    whose bytes are already listed counts once."""
+    bundled = {kind: golden_files(kind) for kind in ("pidnet", "gemma2", "sdxl_vae")}
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(bundled["gemma2"][0], extra / "same_bytes.safetensors")
+    save_file(
+        {"in.case0.x": np.zeros((1, 3, 16, 16), np.float32)},
+        str(extra / "new.safetensors"),
+        {"kind": "pidnet"},
+    )
+    monkeypatch.setenv(GOLDENS_ENV, os.pathsep.join([os.environ[GOLDENS_ENV], str(extra)]))
+    assert golden_files("pidnet") == [*bundled["pidnet"], extra / "new.safetensors"]
+    assert golden_files("gemma2") == bundled["gemma2"]
+    assert golden_files("sdxl_vae") == bundled["sdxl_vae"]

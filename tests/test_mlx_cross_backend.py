@@ -56,6 +56,20 @@ def _open_both(path: Path, cache: Path) -> tuple[MlxDecoder, _native.Decoder]:
     return MlxDecoder.open(ckpt, **space), _native.Decoder.open(str(ckpt), **space)
 
 
+def _request(
+    dec: MlxDecoder,
+    z: np.ndarray,
+    y: np.ndarray,
+    sigma: list[float],
+    seeds: list[int],
+    steps: int,
+    **plan: int,
+) -> _native.DecodeRequest:
+    """A request for ``dec``'s network (plan within BUDGET, or the ``tile=`` of ``plan``)."""
+    p = dec.plan(z.shape[0], z.shape[2], z.shape[3], BUDGET, plan.get("tile"))
+    return _native.DecodeRequest(dec.config.to_json(), z, y, sigma, seeds, steps, p)
+
+
 def _decode_params() -> list:
     """Every mini golden at the trained 4 steps, plus the 1-step (t = 1) and 3-step ladders once."""
     params = [pytest.param(p.values[0], 4, id=f"{p.id}-4") for p in _mini_files()]
@@ -68,13 +82,16 @@ def test_mlx_decode_matches_candle(path: Path, steps: int, seeded_cache: Path) -
     inp = _case0(path)
     b = inp["lq_latent"].shape[0]
     seeds = [7 + 1000 * i for i in range(b)]
-    got = mlx_dec.decode(inp["lq_latent"], inp["y"], inp["sigma"], seeds, steps)
-    ref = candle.decode(inp["lq_latent"], inp["y"], inp["sigma"].tolist(), seeds, steps, BUDGET)
+    request = _request(mlx_dec, inp["lq_latent"], inp["y"], inp["sigma"].tolist(), seeds, steps)
+    got = mlx_dec.decode(request)
+    ref = candle.decode(request)
     assert got.shape == ref.shape == (b, 3, *(mlx_dec.scale * s for s in inp["lq_latent"].shape[2:]))
     err = float(np.abs(got - ref).max())
     assert err <= CROSS_TOL, f"mlx vs candle max abs {err:.3e} > {CROSS_TOL}"
     if b > 1:  # each image follows its own seed
-        swapped = mlx_dec.decode(inp["lq_latent"], inp["y"], inp["sigma"], seeds[::-1], steps)
+        swapped = mlx_dec.decode(
+            _request(mlx_dec, inp["lq_latent"], inp["y"], inp["sigma"].tolist(), seeds[::-1], steps)
+        )
         assert np.abs(swapped - got).max() > 0.1
 
 
@@ -83,10 +100,10 @@ def test_mlx_tiled_decode_matches_candle(seeded_cache: Path) -> None:
     inp = _case0(_sdxl_mini())
     z, y, sigma = inp["lq_latent"][:1], inp["y"][:1], inp["sigma"][:1]
     z = np.ascontiguousarray(np.concatenate([z, z[:, :, ::-1]], axis=2))  # taller, so 64 px tiles overlap
-    plan = mlx_dec.plan(1, z.shape[2], z.shape[3], BUDGET, tile=64)
-    assert len(plan.tiles) > 2 and not plan.is_whole
-    got = mlx_dec.decode(z, y, sigma, [3], 2, plan=plan)
-    ref = candle.decode(z, y, sigma.tolist(), [3], 2, BUDGET, 64)
+    request = _request(mlx_dec, z, y, sigma.tolist(), [3], 2, tile=64)
+    assert len(request.tiles) > 2 and not request.plan.whole
+    got = mlx_dec.decode(request)
+    ref = candle.decode(request)
     err = float(np.abs(got - ref).max())
     assert err <= CROSS_TOL, f"tiled mlx vs candle max abs {err:.3e} > {CROSS_TOL}"
 
@@ -103,7 +120,7 @@ def test_mlx_plan_matches_candle(path: Path, seeded_cache: Path) -> None:
         (1, 2048, 1536, BUDGET, 512),
     ]:
         h, w = height // f, width // f
-        assert mlx_dec.plan(batch, h, w, budget, tile).as_dict() == candle.plan(batch, h, w, budget, tile)
+        assert mlx_dec.plan(batch, h, w, budget, tile) == candle.plan(batch, h, w, budget, tile)
     with pytest.raises(BudgetError) as mlx_err:
         mlx_dec.plan(1, 4096 // f, 4096 // f, 1 << 20)
     with pytest.raises(BudgetError) as candle_err:

@@ -17,6 +17,7 @@ from conftest import golden_config, golden_files, golden_metadata, is_full_topol
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'pid-native[mlx]')")
 
+from pid_native import _native  # noqa: E402
 from pid_native.backends import get  # noqa: E402
 from pid_native.backends.mlx import BACKEND  # noqa: E402
 from pid_native.backends.mlx.caption import CaptionEncoder  # noqa: E402
@@ -137,48 +138,48 @@ def test_weights_errors_name_the_problem(seeded_cache: Path, tmp_path: Path) -> 
     assert load_pidnet(prefixed).config == cfg
 
 
-def test_decoder_reports_steps_cancels_and_validates(seeded_cache: Path) -> None:
+def test_decoder_reports_progress_cancels_and_decodes_only_its_requests(seeded_cache: Path) -> None:
     golden, ckpt = _mini(seeded_cache)
     dec = MlxDecoder.open(ckpt)
     with safe_open(str(golden), "np") as f:
         z, y = f.get_tensor("in.case1.lq_latent"), f.get_tensor("in.case1.y")
-    steps: list[tuple[int, int]] = []
-    img = dec.decode(z, y, np.zeros(1), [5], 3, on_step=lambda k, n: steps.append((k, n)))
-    assert steps == [(0, 3), (1, 3), (2, 3)]
+    plan = dec.plan(1, z.shape[2], z.shape[3], 1 << 40)
+    request = _native.DecodeRequest(dec.config.to_json(), z, y, [0.0], [5], 3, plan)
+    events: list[str] = []
+    img = dec.decode(request, on_event=lambda e: events.append(str(e)))
+    assert events == ["image 1/1", "step 1/3", "step 2/3", "step 3/3"]
     assert img.shape == (1, 3, 32 * z.shape[2], 32 * z.shape[3]) and np.abs(img).max() <= 1.0
-    polls: list[int] = []
-
-    def cancel_at_second_step() -> bool:
-        polls.append(len(steps))
-        return len(steps) >= 4
-
     with pytest.raises(Cancelled):
-        dec.decode(
-            z,
-            y,
-            np.zeros(1),
-            [5],
-            3,
-            on_step=lambda k, n: steps.append((k, n)),
-            should_cancel=cancel_at_second_step,
-        )
-    assert steps[3:] == [(0, 3)]
-    bad = {
-        "latent_channels": (z[:, :3], y, [0.0], [1], 4),
-        "caption_shape": (z, y[:, :, :5], [0.0], [1], 4),
-        "sigma_range": (z, y, [1.5], [1], 4),
-        "batch": (z, y, [0.0, 0.0], [1], 4),
-        "steps": (z, y, [0.0], [1], 5),
-        "seed_range": (z, y, [0.0], [-1], 4),
-        "latent_not_finite": (np.full_like(z, np.nan), y, [0.0], [1], 4),
-    }
-    for code, args in bad.items():
-        with pytest.raises(InvalidInputError) as err:
-            dec.decode(*args)
-        assert err.value.code == code
+        dec.decode(request, on_event=lambda e: events.append(str(e)), should_cancel=lambda: len(events) >= 6)
+    assert events[4:] == ["image 1/1", "step 1/3"]
+    # A request checked against another network is not decoded.
+    other = json.loads(dec.config.to_json()) | {"rope_ref_h": 2 * dec.config.rope_ref_h}
+    foreign = _native.DecodeRequest(json.dumps(other), z, y, [0.0], [5], 3, plan)
     with pytest.raises(InvalidInputError) as err:
+        dec.decode(foreign)
+    assert err.value.code == "request"
+
+
+def test_the_mlx_backend_validates_with_the_core_and_names_decoder_keywords(seeded_cache: Path) -> None:
+    """Bad requests fail with the core's codes, and a missing Gemma with ``gemma=``: one place for both."""
+    from pid_native.decoder import Decoder
+
+    _, ckpt = _mini(seeded_cache)
+    dec = Decoder.open(ckpt, backend="mlx")
+    embs = np.zeros((1, 300, 64), np.float32)
+    for code, latents in {
+        "latent_channels": np.zeros((1, 3, 2, 2), np.float32),
+        "latent_not_finite": np.full((1, 4, 2, 2), np.nan, np.float32),
+    }.items():
+        with pytest.raises(InvalidInputError) as err:
+            dec.decode(latents, caption_embs=embs)
+        assert err.value.code == code
+    with pytest.raises(InvalidInputError, match="gemma=") as err:
         dec.encode_captions(["a cat"])
     assert err.value.code == "no_caption_encoder"
+    with pytest.raises(InvalidInputError, match="vae=") as err:
+        dec.vae_decode(np.zeros((1, 4, 2, 2), np.float32))
+    assert err.value.code == "no_vae"
 
 
 def _gemma_dir(tmp_path: Path) -> tuple[Path, Path]:

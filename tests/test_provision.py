@@ -29,7 +29,7 @@ from safetensors.numpy import save
 from fakehub import FakeHub, FakeRepo
 from pid_native import MissingFileError, ProvisioningError, WeightsError
 from pid_native.errors import InvalidInputError
-from pid_native.provision import (
+from pid_native.provisioning import (
     build_bundle,
     default_bundle_dir,
     inspect_bundle,
@@ -38,9 +38,9 @@ from pid_native.provision import (
     load_manifest,
     verify,
 )
-from pid_native.provision.bundle import BUNDLE_FILE, LOCK_FILE
-from pid_native.provision.manifest import PACKAGED_MANIFEST
-from pid_native.provision.verify import safetensors_index
+from pid_native.provisioning.bundle import BUNDLE_FILE, LOCK_FILE
+from pid_native.provisioning.manifest import PACKAGED_MANIFEST
+from pid_native.provisioning.verify import safetensors_index
 from pid_native.testing.synth import write_bundle
 
 FAKEHUB = Path(__file__).with_name("fakehub.py")
@@ -573,8 +573,8 @@ def test_cli_fetch_and_verify(hub: FakeHub, env: dict[str, str], tmp_path: Path)
 # ---------------------------------------------------------------- offline pieces, in process
 
 
-def test_importing_provision_does_not_import_huggingface_hub() -> None:
-    code = "import sys, pid_native.provision; sys.exit('huggingface_hub' in sys.modules)"
+def test_importing_provisioning_does_not_import_huggingface_hub() -> None:
+    code = "import sys, pid_native.provisioning; sys.exit('huggingface_hub' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 

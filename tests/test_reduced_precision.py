@@ -1,9 +1,10 @@
 """The reduced-precision network path against the float32 goldens (candle, CPU).
 
-CUDA runs the network in bf16 with norms, RoPE, gates and the sampler in f32. The CPU has no
-bf16 matmul, but the same dtype plumbing runs in f16 there, so this checks it on every golden
-file with the bf16 tolerances of tests/goldens/README.md (judged against the float32 ``v``):
-mean abs error <= 1e-2 and max abs error <= 0.15.
+CUDA rounds the operands of matmuls and attention to bf16, everything else staying f32; the
+CPU runs the same dtype plumbing in f16 (bf16 compute on the CPU is the core's Rust test). On
+every golden file the error of ``v`` must stay within 1.25 times the reference's own bf16
+autocast error, in mean and in max, where the file records it, else within the bf16 bounds of
+tests/goldens/README.md (mean abs error <= 1e-2, max <= 0.15).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import pytest
 from conftest import golden_files, golden_metadata, is_full_topology
 from pid_native import _native
 from pid_native.testing.goldens import (
-    REDUCED_MAX_TOL,
-    REDUCED_MEAN_TOL,
     SAMPLE,
     V_TOL,
     case_inputs,
     golden_arrays,
     pidnet_cases,
+    reduced_precision_error,
     seeded_checkpoint,
 )
 
@@ -48,12 +48,10 @@ def test_f16_forward_within_reduced_precision_tolerance(path: Path, seeded_cache
         inp = case_inputs(golden, case)
         v = net.forward(inp["x"], inp["t"], inp["y"], inp["lq_latent"], inp["sigma"])
         assert v.dtype == np.float32
-        err = np.abs(v - golden[f"out.{case}.v"])
-        mean, worst = float(err.mean()), float(err.max())
-        assert mean <= REDUCED_MEAN_TOL and worst <= REDUCED_MAX_TOL, (
-            f"{case}: mean {mean:.3e}, max {worst:.3e}"
-        )
+        ok, errors = reduced_precision_error(golden, case, v)
+        assert ok, f"{case}: {errors}"
         # Not silently the f32 path: half precision must leave a trace above the f32 tolerance.
+        worst = float(np.abs(v - golden[f"out.{case}.v"]).max())
         assert worst > V_TOL, f"{case}: max error {worst:.3e} looks like float32 arithmetic"
 
 

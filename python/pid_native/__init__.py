@@ -16,7 +16,7 @@ from ._cudalibs import import_native
 # the CUDA build's NVIDIA libraries preloaded when it needs them).
 _native = import_native()
 
-from . import backends, latents, provision  # noqa: E402
+from . import backends, latents, provisioning  # noqa: E402
 from .decoder import CancelToken, Decoder, Plan, ProgressEvent  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError,
@@ -29,6 +29,7 @@ from .errors import (  # noqa: E402
     ProvisioningError,
     WeightsError,
 )
+from .provisioning import provision  # noqa: E402
 
 __version__: str = _native.__version__
 
@@ -57,4 +58,5 @@ __all__ = [
     "build_info",
     "latents",
     "provision",
+    "provisioning",
 ]

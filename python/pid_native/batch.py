@@ -263,7 +263,7 @@ def _prepare(decoder: Decoder, item: Item, mode: Mode, overwrite: bool) -> _Pend
     if mode == "upscale":
         latents = decoder.encode_image(item.input)
     else:
-        latents = as_latents(load_latent_file(item.input), decoder.space)
+        latents = as_latents(load_latent_file(item.input))
     outputs = item.outputs(len(latents))
     # A file of several latents resumes latent by latent.
     keep = [b for b, out in enumerate(outputs) if overwrite or not is_complete(out)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidInputError, MissingFileError, PidError
-from .provision.bundle import BUNDLE_ENV, default_bundle_dir
+from .provisioning.bundle import BUNDLE_ENV, default_bundle
 
 DATA = Path(__file__).parent / "data"
 DEMO_IMAGE = DATA / "demo.png"
@@ -39,13 +39,9 @@ def _progress_bar(desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]
     return update, bar.close
 
 
-def _default_bundle() -> Path:
-    return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
-
-
 def _open_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The weights and the ``Decoder.open`` options the arguments ask for."""
-    weights = Path(args.weights) if args.weights else _default_bundle()
+    weights = Path(args.weights) if args.weights else default_bundle()
     if not weights.exists():
         raise MissingFileError(
             f"no PiD weights at {weights}; run `pid-native fetch --accept-license` first, pass --weights, "
@@ -229,7 +225,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .memory import resolve_budget
 
     budget, source = resolve_budget(args.memory_budget)
-    bundle = _default_bundle()
+    bundle = default_bundle()
     info = {
         "build": build_info(),
         "backends": {
@@ -404,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtypes", help="compute dtypes: f32,bf16,f16 (default: f32,bf16 on CUDA, f32 on the CPU)"
     )
     p.add_argument(
-        "--goldens", type=Path, help="golden directory (default: $PID_GOLDENS, else the checkout's)"
+        "--goldens",
+        type=Path,
+        help="golden directory (default: the checkout's); $PID_GOLDENS adds directories to it",
     )
     p.add_argument("--sizes", default="2048,4096", help="output sizes to time (latent = size/32)")
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per size, after one warm-up")
@@ -416,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timing", action="store_true")
     p.set_defaults(func=cmd_selftest)
 
-    from .provision.cli import add_fetch_parser, add_verify_parser
+    from .provisioning.cli import add_fetch_parser, add_verify_parser
 
     add_fetch_parser(sub)
     add_verify_parser(sub)

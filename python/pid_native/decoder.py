@@ -1,7 +1,8 @@
 """The user-facing decoder: open once, decode latents (or upscale images) many times.
 
-Data flow of :meth:`Decoder.decode`: latents are checked and converted ->
-captions are encoded (Gemma-2, cached) -> the memory plan is made before any allocation ->
+Data flow of :meth:`Decoder.decode`: latents converted and the call's arguments typed ->
+the memory plan, made once before any allocation -> captions encoded (Gemma-2, cached) ->
+a :class:`DecodeRequest` (the core checks it, once, against the network, plan included) ->
 the backend runs the 4-step sampler (whole image or tiles) -> images in [-1, 1].
 """
 
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,38 +24,8 @@ from .latents import LatentSpace, latent_space
 from .memory import resolve_budget
 
 CancelToken = _native.CancelToken
-
-Phase = Literal["caption", "image", "step", "tile", "done"]
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One progress report. ``str(event)`` reads like ``"step 2/4"``.
-
-    Attributes:
-        phase: ``caption`` (encoding captions), ``image`` (image ``index`` of ``count``
-            starts), ``step`` (sampler step ``index`` of ``count``), ``tile`` (tile
-            ``index`` of ``count`` of the current step), ``done``.
-        index: 1-based position within the phase.
-        count: size of the phase.
-    """
-
-    phase: Phase
-    index: int = 0
-    count: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.phase} {self.index}/{self.count}" if self.count else self.phase
-
-    @classmethod
-    def from_native(cls, d: dict[str, Any]) -> ProgressEvent:
-        phase = d["phase"]
-        if phase == "step":
-            return cls("step", d["step"] + 1, d["total"])
-        if phase == "tile":
-            return cls("tile", d["tile"] + 1, d["tiles"])
-        return cls("image", d["index"] + 1, d["count"])
-
+DecodeRequest = _native.DecodeRequest
+ProgressEvent = _native.ProgressEvent
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -116,12 +87,13 @@ def tensor_to_numpy(value: Any) -> Any:
     return value.cpu().numpy()
 
 
-def as_latents(latents: Any, space: LatentSpace) -> np.ndarray:
-    """Check and convert latents to float32 ``[B, C, h, w]``.
+def as_latents(latents: Any) -> np.ndarray:
+    """Latents as float32 ``[B, C, h, w]``: numpy float16/float32/bfloat16 (ml_dtypes) arrays of
+    rank 3 or 4, torch tensors (CPU or CUDA, any float dtype), or anything with ``__array__``.
+    Whether they fit the network is the core's check (:class:`DecodeRequest`).
 
-    Accepts numpy float16/float32/bfloat16 (ml_dtypes) arrays of rank 3 or 4, torch tensors
-    (CPU or CUDA, any float dtype), or anything with ``__array__``. Raises InvalidInputError
-    naming the problem and the fix.
+    Raises:
+        InvalidInputError: not an array of floats of rank 3 or 4 (naming the problem and the fix).
     """
     try:
         arr = np.asarray(tensor_to_numpy(latents))
@@ -140,20 +112,7 @@ def as_latents(latents: Any, space: LatentSpace) -> np.ndarray:
         raise InvalidInputError(
             f"latents must be [B, C, h, w] or [C, h, w], got shape {arr.shape}", "latent_rank"
         )
-    b, c, h, w = arr.shape
-    if c != space.channels:
-        raise InvalidInputError(
-            f"latent has {c} channels, the {space.name} space expects {space.channels} "
-            f"(got shape {list(arr.shape)}); "
-            f"pass the VAE latent in the {space.name} frame ({space.normalisation})",
-            "latent_channels",
-        )
-    if b == 0 or h == 0 or w == 0:
-        raise InvalidInputError(f"latents have an empty axis: shape {arr.shape}", "latent_shape")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise InvalidInputError("latents contain NaN or infinity", "latent_not_finite")
-    return out
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -177,10 +136,20 @@ class Decoder:
     evaluation only.
     """
 
-    def __init__(self, engine: backends.Engine, space: LatentSpace, memory_budget: float | None) -> None:
+    def __init__(
+        self,
+        engine: backends.Engine,
+        space: LatentSpace,
+        memory_budget: float | None,
+        *,
+        has_gemma: bool,
+        has_vae: bool,
+    ) -> None:
         self._engine = engine
         self.space = space
         self.memory_budget = memory_budget
+        self._has_gemma = has_gemma
+        self._has_vae = has_vae
 
     @classmethod
     def open(
@@ -201,7 +170,7 @@ class Decoder:
 
         Args:
             path: a PiD ``.safetensors`` checkpoint, or a bundle directory written by
-                ``pid-native fetch`` / ``pid_native.provision`` (checkpoint + ``gemma/`` + ``vae/``).
+                ``pid-native fetch`` / ``pid_native.provision()`` (checkpoint + ``gemma/`` + ``vae/``).
             backend: ``"auto"``, ``"candle-cpu"``, ``"candle-cuda"``, ``"mlx"`` or a registered name.
             device: backend device string (``"cpu"``, ``"cuda:0"``); the backend's default if None.
             gemma: Gemma-2-2b-it directory (config.json, tokenizer.json, safetensors); overrides the bundle's.
@@ -220,7 +189,7 @@ class Decoder:
         """
         path = Path(path)
         if path.is_dir():
-            from .provision.bundle import load_bundle
+            from .provisioning.bundle import load_bundle
 
             bundle = load_bundle(path)
             checkpoint, bundle_space = bundle.checkpoint, bundle.space
@@ -253,7 +222,9 @@ class Decoder:
             softcap=softcap,
         )
         engine = backends.get(backend).open(spec)
-        return cls(engine, resolved_space, memory_budget)
+        return cls(
+            engine, resolved_space, memory_budget, has_gemma=gemma is not None, has_vae=vae is not None
+        )
 
     @property
     def backend(self) -> str:
@@ -268,14 +239,29 @@ class Decoder:
         """The memory plan for latents of ``latent_shape`` ([B, C, h, w] or [C, h, w]), without decoding."""
         shape = tuple(latent_shape)
         b, h, w = (1, *shape[-2:]) if len(shape) == 3 else (shape[0], *shape[-2:])
-        budget, source = resolve_budget(self.memory_budget, self._engine.free_memory())
-        p = self._engine.plan(b, h, w, budget, tile)
+        plan, source = self._plan(b, h, w, tile)
         return Plan(
-            p["width"], p["height"], p["whole"], list(p["tiles"]), p["predicted_peak_bytes"], budget, source
+            plan.width,
+            plan.height,
+            plan.whole,
+            plan.tiles,
+            plan.predicted_peak_bytes,
+            plan.budget_bytes,
+            source,
         )
+
+    def _plan(self, b: int, h: int, w: int, tile: int | None) -> tuple[_native.Plan, str]:
+        budget, source = resolve_budget(self.memory_budget, self._engine.free_memory())
+        return self._engine.plan(b, h, w, budget, tile), source
 
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
         """Gemma-2 caption embeddings ``[B, 300, 2304]`` as PiD consumes them (cached per caption)."""
+        if not self._has_gemma:
+            raise InvalidInputError(
+                "this decoder has no caption encoder; open it with gemma=<Gemma-2-2b-it directory> or a "
+                "provisioned bundle, or pass caption_embs=",
+                "no_caption_encoder",
+            )
         return self._engine.encode_captions(list(captions))
 
     def decode(
@@ -287,7 +273,7 @@ class Decoder:
         seed: int | Sequence[int] = 0,
         steps: int = 4,
         progress: ProgressCallback | None = None,
-        cancel: Any = None,
+        cancel: CancelToken | None = None,
         tile: int | None = None,
         caption_embs: np.ndarray | None = None,
     ) -> np.ndarray:
@@ -312,8 +298,8 @@ class Decoder:
         Raises:
             InvalidInputError, BudgetError, Cancelled (and KeyboardInterrupt on Ctrl-C).
         """
-        lat = as_latents(latents, self.space)
-        b = lat.shape[0]
+        lat = as_latents(latents)
+        b, _, h, w = lat.shape
         seeds = (
             [seed + i for i in range(b)]
             if isinstance(seed, (int, np.integer))
@@ -328,18 +314,17 @@ class Decoder:
             )
         except ValidationError as exc:
             raise InvalidInputError(_first_error(exc), "invalid_argument") from None
-        budget, _ = resolve_budget(self.memory_budget, self._engine.free_memory())
         # Plan first: an impossible request fails before Gemma or the sampler allocate anything.
-        self._engine.plan(b, lat.shape[2], lat.shape[3], budget, tile)
+        plan, _ = self._plan(b, h, w, tile)
         if caption_embs is None:
             if progress:
                 progress(ProgressEvent("caption", 1, 1))
             caption_embs = self.encode_captions(params.captions)
         embs = np.ascontiguousarray(caption_embs, dtype=np.float32)
-        native_progress = (lambda d: progress(ProgressEvent.from_native(d))) if progress else None
-        out = self._engine.decode(
-            lat, embs, params.sigma, params.seeds, params.steps, budget, tile, native_progress, cancel
+        request = DecodeRequest(
+            self._engine.config, lat, embs, params.sigma, params.seeds, params.steps, plan
         )
+        out = self._engine.decode(request, progress, cancel)
         if progress:
             progress(ProgressEvent("done"))
         return out
@@ -352,11 +337,23 @@ class Decoder:
 
     def vae_decode(self, latents: Any) -> np.ndarray:
         """Plain SDXL VAE decode (the baseline PiD is compared with), ``[B, 3, 8h, 8w]`` in [-1, 1]."""
-        return np.clip(self._engine.vae_decode(as_latents(latents, self.space)), -1.0, 1.0)
+        lat = as_latents(latents)
+        if not np.isfinite(lat).all():
+            raise InvalidInputError("latents contain NaN or infinity", "latent_not_finite")
+        return np.clip(self._require_vae().vae_decode(lat), -1.0, 1.0)
 
     def vae_encode(self, images: Any) -> np.ndarray:
         """SDXL VAE encode: ``[B, 3, H, W]`` in [-1, 1] to the scaled posterior mean ``[B, 4, H/8, W/8]``."""
-        return self._engine.vae_encode(np.ascontiguousarray(images, dtype=np.float32))
+        return self._require_vae().vae_encode(np.ascontiguousarray(images, dtype=np.float32))
+
+    def _require_vae(self) -> backends.Engine:
+        if not self._has_vae:
+            raise InvalidInputError(
+                "this decoder has no SDXL VAE; open it with vae=<diffusers VAE directory> or provision "
+                "a bundle with the VAE (pid-native fetch)",
+                "no_vae",
+            )
+        return self._engine
 
     def encode_image(self, image: Any) -> np.ndarray:
         """The latent :meth:`upscale` decodes: the image cropped to a multiple of 16, VAE-encoded.
@@ -397,4 +394,13 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-__all__ = ["CancelToken", "DecodeParams", "Decoder", "Plan", "ProgressEvent", "as_latents", "tensor_to_numpy"]
+__all__ = [
+    "CancelToken",
+    "DecodeParams",
+    "DecodeRequest",
+    "Decoder",
+    "Plan",
+    "ProgressEvent",
+    "as_latents",
+    "tensor_to_numpy",
+]

@@ -25,7 +25,6 @@ This module imports neither torch nor diffusers: the caller's pipeline brings th
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from .errors import InvalidInputError, MissingFileError
 from .images import save_png, to_pil
 from .latents import euler_to_vp
 from .plugin import capture_plan
+from .provisioning.bundle import default_bundle
 
 OutputType = Literal["pil", "np", "pt"]
 OUTPUT_TYPES: tuple[str, ...] = get_args(OutputType)
@@ -259,14 +259,6 @@ _default_lock = threading.Lock()
 _default: tuple[Path, Decoder] | None = None
 
 
-def _default_bundle() -> Path:
-    """The bundle the default decoder opens: ``$PID_NATIVE_BUNDLE``, else the provisioned SDXL one."""
-    from .provision import default_bundle_dir
-    from .provision.bundle import BUNDLE_ENV
-
-    return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
-
-
 def default_decoder() -> Decoder:
     """The decoder :func:`decode` uses without ``decoder=``: the bundle ``$PID_NATIVE_BUNDLE``
     names, else the provisioned SDXL one, opened on first use and reused while that path stays.
@@ -275,7 +267,7 @@ def default_decoder() -> Decoder:
         MissingFileError: nothing at that path, with how to provision it.
     """
     global _default
-    path = _default_bundle()
+    path = default_bundle()
     with _default_lock:
         if _default is None or _default[0] != path:
             if not path.exists():

@@ -229,7 +229,7 @@ class LoadedDecoder:
 
 
 def _default_bundle(space: str) -> Path:
-    from .provision import default_bundle_dir
+    from .provisioning import default_bundle_dir
 
     return Path(default_bundle_dir(space))
 
@@ -249,8 +249,8 @@ class PidPlugin:
     def describe(self, spec: LoadSpec | None = None) -> PluginInfo:
         from . import backends
         from .latents import SPACES
-        from .provision import licences
-        from .provision.bundle import inspect_bundle
+        from .provisioning import licences
+        from .provisioning.bundle import inspect_bundle
 
         spec = spec or LoadSpec()
         bundle = spec.bundle or _default_bundle(spec.space)

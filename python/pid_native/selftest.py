@@ -55,7 +55,7 @@ from .testing.goldens import (
     seeded_checkpoint,
 )
 from .testing.measure import GpuMemory, gpu_info, peak_rss_bytes, reset_peak_rss
-from .testing.paths import goldens_dir, seeded_cache_dir
+from .testing.paths import golden_dirs, seeded_cache_dir
 
 PRESETS = {"full": "sdxl-2kto4k", "mini": "sdxl-mini"}
 DTYPES = ("f32", "bf16", "f16")
@@ -168,10 +168,11 @@ def _failure(exc: Exception, **where: Any) -> dict[str, Any]:
 
 def run_parity(opts: Options, cache: Path, log: Log) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The parity section, and the custom-kernel comparisons made on the way (CUDA only)."""
-    directory = opts.goldens or goldens_dir()
+    # --goldens DIR: that directory alone; else the bundled set plus $PID_GOLDENS.
+    directories = [opts.goldens] if opts.goldens else golden_dirs()
     results: list[dict[str, Any]] = []
     kernels: list[dict[str, Any]] = []
-    for path in golden_files("pidnet", directory):
+    for path in golden_files("pidnet", opts.goldens):
         golden = golden_arrays(path)
         checkpoint = seeded_checkpoint(path, cache)
         log(f"parity: {path.name} (weights: {checkpoint.name})")
@@ -200,7 +201,8 @@ def run_parity(opts: Options, cache: Path, log: Log) -> tuple[dict[str, Any], li
                     kernels.append(_failure(exc, golden=path.name, case=cases[0], dtype=dtype))
             del net  # one (possibly 2.7 GB) network resident at a time
     passed = all(r["passed"] for r in results)
-    return {"goldens": str(directory.resolve()), "passed": passed, "results": results}, kernels
+    goldens = [str(d.resolve()) for d in directories]
+    return {"goldens": goldens, "passed": passed, "results": results}, kernels
 
 
 def _row_text(row: dict[str, Any]) -> str:
@@ -312,11 +314,12 @@ def _time_decodes(
     embs = rng.standard_normal((1, CAPTION_TOKENS, config["txt_embed_dim"])).astype(np.float32)
     budget_bytes, budget_source = budget
     plan = decoder.plan(1, h, h, budget_bytes)
+    request = _native.DecodeRequest(decoder.config, latents, embs, [0.0], [0], opts.steps, plan)
     images: list[np.ndarray] = []
 
     def decode() -> float:
         start = time.perf_counter()
-        images[:] = [decoder.decode(latents, embs, [0.0], [0], opts.steps, budget_bytes)]
+        images[:] = [decoder.decode(request)]
         _native.synchronize(opts.device)
         return time.perf_counter() - start
 
@@ -340,8 +343,8 @@ def _time_decodes(
         "memory_method": method,
         "budget_bytes": budget_bytes,
         "budget_source": budget_source,
-        "whole_image": plan["whole"],
-        "tiles": len(plan["tiles"]),
+        "whole_image": plan.whole,
+        "tiles": len(plan.tiles),
         "output": output,
         "passed": output["passed"],
     }
@@ -529,9 +532,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
     if "parity" in report:
         results = report["parity"]["results"]
         passed = sum(r["passed"] for r in results)
-        lines.append(
-            f"parity: {passed}/{len(results)} cases within tolerance ({report['parity']['goldens']})"
-        )
+        where = ", ".join(report["parity"]["goldens"])
+        lines.append(f"parity: {passed}/{len(results)} cases within tolerance ({where})")
         for dtype in report["dtypes"]:
             rows = [r for r in results if r["dtype"] == dtype and "max_abs_err" in r]
             if rows:

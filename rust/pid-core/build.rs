@@ -65,7 +65,8 @@ fn compile_kernels() {
             gencode.push(format!("arch=compute_{sm},code=sm_{sm}"));
         }
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("pid_kernels.fatbin");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("pid_kernels.fatbin");
     let status = Command::new(&nvcc)
         .args(["--fatbin", "-O3", "-std=c++17"])
         .args(gencode.iter().flat_map(|g| ["-gencode", g.as_str()]))

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .. import _native
 from ..errors import BackendUnavailableError, InvalidInputError
 from ..latents import LatentSpace
 
@@ -48,10 +49,19 @@ class OpenSpec:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A loaded decoder on one backend. Every method must be safe to call from several threads."""
+    """A loaded decoder on one backend. Every method must be safe to call from several threads.
+
+    The contract: :class:`pid_native.Decoder` makes the plan (:meth:`plan`) once and builds a
+    :class:`pid_native.DecodeRequest` for the network ``config``, which the core validates, plan
+    included; :meth:`decode` decodes it as it is and reports :class:`pid_native.ProgressEvent`
+    objects. ``encode_captions`` and the VAE methods are called only when the decoder was
+    opened with a Gemma directory and a VAE directory.
+    """
 
     backend: str
     scale: int
+    config: str
+    """The network configuration as JSON (upstream names)."""
 
     def encode_captions(self, captions: list[str]) -> np.ndarray: ...
 
@@ -59,19 +69,13 @@ class Engine(Protocol):
         """Free bytes of the engine's device for the budget, or None where available RAM applies."""
         ...
 
-    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]: ...
+    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> _native.Plan: ...
 
     def decode(
         self,
-        latents: np.ndarray,
-        caption_embs: np.ndarray,
-        sigma: list[float],
-        seeds: list[int],
-        steps: int,
-        budget_bytes: int,
-        tile: int | None,
-        progress: Callable[[dict[str, Any]], None] | None,
-        cancel: Any,
+        request: _native.DecodeRequest,
+        progress: Callable[[_native.ProgressEvent], None] | None,
+        cancel: _native.CancelToken | None,
     ) -> np.ndarray: ...
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray: ...

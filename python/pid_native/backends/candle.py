@@ -23,17 +23,13 @@ class CandleEngine:
     backend: str
     device: str
     scale: int = field(init=False)
+    config: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.scale = self.decoder.scale
+        self.config = self.decoder.config
 
     def encode_captions(self, captions: list[str]) -> np.ndarray:
-        if self.captions is None:
-            raise InvalidInputError(
-                "this decoder has no caption encoder; open it with gemma=<Gemma-2-2b-it directory> "
-                "or a provisioned bundle, or pass caption_embs=",
-                "no_caption_encoder",
-            )
         return self.captions.encode(captions)
 
     def free_memory(self) -> int | None:
@@ -41,39 +37,22 @@ class CandleEngine:
         info = _native.device_memory(self.device)
         return None if info is None else info[0]
 
-    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
+    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> _native.Plan:
         return self.decoder.plan(batch, h, w, budget_bytes, tile)
 
     def decode(
         self,
-        latents: np.ndarray,
-        caption_embs: np.ndarray,
-        sigma: list[float],
-        seeds: list[int],
-        steps: int,
-        budget_bytes: int,
-        tile: int | None,
-        progress: Callable[[dict[str, Any]], None] | None,
-        cancel: Any,
+        request: _native.DecodeRequest,
+        progress: Callable[[_native.ProgressEvent], None] | None,
+        cancel: _native.CancelToken | None,
     ) -> np.ndarray:
-        return self.decoder.decode(
-            latents, caption_embs, sigma, seeds, steps, budget_bytes, tile, progress, cancel
-        )
-
-    def _require_vae(self) -> Any:
-        if self.vae is None:
-            raise InvalidInputError(
-                "this decoder has no SDXL VAE; open it with vae=<diffusers VAE directory> or provision "
-                "a bundle with the VAE (pid-native fetch)",
-                "no_vae",
-            )
-        return self.vae
+        return self.decoder.decode(request, progress, cancel)
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:
-        return self._require_vae().encode(images)
+        return self.vae.encode(images)
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._require_vae().decode(latents)
+        return self.vae.decode(latents)
 
 
 @dataclass(frozen=True)

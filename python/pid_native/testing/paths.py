@@ -20,41 +20,54 @@ def repo_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "tests").is_dir() else None
 
 
-def goldens_dir(root: Path | None = None) -> Path:
-    """``$PID_GOLDENS``, else the checkout's ``../shared/goldens``, else its ``tests/goldens``.
+def golden_dirs(root: Path | None = None) -> list[Path]:
+    """The golden fixtures bundled with the source checkout (its ``tests/goldens``), followed by
+    every directory of ``$PID_GOLDENS`` (separated by ``os.pathsep``): a directory there adds its
+    files, of any kinds, to the bundled ones.
 
-    ``root`` is the source checkout (default: the one an editable install runs from; a
-    regular install has none, so its callers pass it or set ``$PID_GOLDENS``).
+    ``root`` is the source checkout (default: the one an editable install runs from; a regular
+    install has none, so its callers pass it or list the bundled directory in ``$PID_GOLDENS``).
+    """
+    root = root or repo_root()
+    bundled = [root / "tests" / "goldens"] if root and (root / "tests" / "goldens").is_dir() else []
+    return bundled + [Path(d) for d in os.environ.get(GOLDENS_ENV, "").split(os.pathsep) if d]
+
+
+def goldens_dir(root: Path | None = None) -> Path:
+    """The first of :func:`golden_dirs`: the bundled fixtures in a source checkout.
 
     Raises:
-        MissingFileError: none of them exists.
+        MissingFileError: there is no golden directory at all.
     """
-    if os.environ.get(GOLDENS_ENV):
-        return Path(os.environ[GOLDENS_ENV])
-    root = root or repo_root()
-    candidates = [root.parent / "shared" / "goldens", root / "tests" / "goldens"] if root else []
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise MissingFileError(
-        f"no golden fixture directory found (looked at ${GOLDENS_ENV} and "
-        f"{', '.join(map(str, candidates)) or 'a source checkout'}); set {GOLDENS_ENV} or pass --goldens",
-        "no_goldens",
-    )
+    dirs = golden_dirs(root)
+    if not dirs:
+        raise MissingFileError(
+            f"no golden fixture directory found (no source checkout, ${GOLDENS_ENV} unset); "
+            f"set {GOLDENS_ENV} or pass --goldens",
+            "no_goldens",
+        )
+    return dirs[0]
 
 
 def seeded_cache_dir(root: Path | None = None) -> Path:
     """Where generated seeded-v1 weights are kept: ``$PID_SEEDED_CACHE``, else the checkout's
-    (``root``, default as in :func:`goldens_dir`) ``target/pid-seeded``, else
+    (``root``, default as in :func:`golden_dirs`) ``target/pid-seeded``, else
     ``<pid_native_home()>/seeded``."""
     if os.environ.get(SEEDED_CACHE_ENV):
         return Path(os.environ[SEEDED_CACHE_ENV])
     root = root or repo_root()
     if root is not None:
         return root / "target" / "pid-seeded"
-    from ..provision.bundle import pid_native_home
+    from ..provisioning.bundle import pid_native_home
 
     return pid_native_home() / "seeded"
 
 
-__all__ = ["GOLDENS_ENV", "SEEDED_CACHE_ENV", "goldens_dir", "repo_root", "seeded_cache_dir"]
+__all__ = [
+    "GOLDENS_ENV",
+    "SEEDED_CACHE_ENV",
+    "golden_dirs",
+    "goldens_dir",
+    "repo_root",
+    "seeded_cache_dir",
+]

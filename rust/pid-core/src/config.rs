@@ -92,14 +92,6 @@ pub struct NetConfig {
     pub lq_aux_rgb_head: bool,
 }
 
-/// The two released generations of the network (pid_spec §10.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Variant {
-    V1,
-    V1_5,
-}
-
 /// What the checkpoint cannot tell us about the latent it expects: the latent space's
 /// channel count and spatial factor (flux2 packs 32 channels x 2x2 into 128 at /16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,14 +176,6 @@ impl NetConfig {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("NetConfig always serialises")
-    }
-
-    pub fn variant(&self) -> Variant {
-        if self.pit_lq_inject {
-            Variant::V1_5
-        } else {
-            Variant::V1
-        }
     }
 
     pub fn head_dim(&self) -> usize {

@@ -17,12 +17,17 @@ pub const TILE_OVERLAP: usize = 256;
 /// was trained from 2048 px up) and the per-tile overhead dominates.
 pub const MIN_TILE_EDGE: usize = 512;
 
-/// Bytes of one element of activations and of resident weights.
+/// Bytes of one element of the compute dtype (attention operands, weights cast for a matmul)
+/// and of resident weights. Everything else a forward holds is f32, whatever the compute
+/// dtype (see `net::PidNet::new`), and so is the sampler state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DTypes {
     pub activation: usize,
     pub weight: usize,
 }
+
+/// Bytes of the f32 tensors of a forward and of the sampler.
+const F32: u64 = 4;
 
 /// One forward's grid inside the output image, in output pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,16 +48,75 @@ pub struct Plan {
     pub budget_bytes: u64,
 }
 
+impl Tile {
+    /// The whole `h x w` image as one tile.
+    pub fn whole(h: usize, w: usize) -> Self {
+        Self { y: 0, x: 0, h, w }
+    }
+
+    /// The latent pixels a tile is conditioned on: its own (`f` output pixels per latent
+    /// pixel, to which the tile is aligned) plus up to `halo` more on every side, within a
+    /// latent of `(zh, zw)`. Returns the crop, in latent pixels, and where the tile starts
+    /// inside it.
+    pub fn latent_crop(
+        &self,
+        f: usize,
+        halo: usize,
+        (zh, zw): (usize, usize),
+    ) -> (Tile, (usize, usize)) {
+        let axis = |start: usize, len: usize, total: usize| {
+            let (start, end) = (start / f, (start + len) / f);
+            let lo = start.saturating_sub(halo);
+            (lo, (end + halo).min(total) - lo, start - lo)
+        };
+        let (y, h, oy) = axis(self.y, self.h, zh);
+        let (x, w, ox) = axis(self.x, self.w, zw);
+        (Tile { y, x, h, w }, (oy, ox))
+    }
+}
+
 impl Plan {
     pub fn is_whole(&self) -> bool {
-        self.tiles.len() == 1
-            && self.tiles[0]
-                == Tile {
-                    y: 0,
-                    x: 0,
-                    h: self.height,
-                    w: self.width,
-                }
+        self.tiles == [Tile::whole(self.height, self.width)]
+    }
+
+    /// Check that the tiles lie inside the `height x width` image, aligned to `align` output
+    /// pixels, and cover every pixel (the blend divides by the summed weights).
+    pub fn check(&self, align: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::input("plan", m));
+        let on_grid = |v: usize| align > 0 && v.is_multiple_of(align);
+        if self.tiles.is_empty() || !on_grid(self.height) || !on_grid(self.width) {
+            return bad(format!(
+                "a plan of {} tile(s) for {}x{} output pixels does not fit a grid of {align}",
+                self.tiles.len(),
+                self.width,
+                self.height
+            ));
+        }
+        let (gh, gw) = (self.height / align, self.width / align);
+        let mut covered = vec![false; gh * gw];
+        for t in &self.tiles {
+            let aligned = [t.y, t.x, t.h, t.w].into_iter().all(on_grid);
+            let inside =
+                t.y.saturating_add(t.h) <= self.height && t.x.saturating_add(t.w) <= self.width;
+            if !aligned || t.h == 0 || t.w == 0 || !inside {
+                return bad(format!(
+                    "tile {t:?} is not a non-empty block of {align}-pixel cells inside the {}x{} image",
+                    self.width, self.height
+                ));
+            }
+            for r in t.y / align..(t.y + t.h) / align {
+                covered[r * gw + t.x / align..r * gw + (t.x + t.w) / align].fill(true);
+            }
+        }
+        if let Some(i) = covered.iter().position(|c| !c) {
+            return bad(format!(
+                "no tile covers output pixel ({}, {})",
+                i % gw * align,
+                i / gw * align
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -66,7 +130,7 @@ pub fn resident_bytes(cfg: &NetConfig, batch: usize, h: usize, w: usize, dt: DTy
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    let image = (cfg.in_channels * h * w * dt.activation) as u64;
+    let image = (cfg.in_channels * h * w) as u64 * F32;
     (params * dt.weight) as u64 + 10 * image + batch as u64 * image
 }
 
@@ -81,21 +145,22 @@ pub fn forward_bytes(cfg: &NetConfig, h: usize, w: usize, dt: DTypes) -> u64 {
     let pd = cfg.pixel_hidden_size as u64;
     // Conditioning: LQ features per gate (+ PiT), caption tokens, pixel positions.
     let gates = (cfg.num_lq_outputs() + usize::from(cfg.pit_lq_inject)) as u64;
-    let cond = (gates * l * d + nt * d) * a + l * p2 * pd * a;
-    // Patch blocks: the streams and their normed/modulated copies, qkv and the
-    // per-head q/k/v/out copies (~14 x L x D), plus one attention block (256 MiB) and
-    // one SwiGLU chunk of 8192 rows (w1, w3 and their product).
-    let patch = 14 * (l + nt) * d * a + (256 << 20) + 3 * 8192 * cfg.ffn_hidden() as u64 * a;
-    // PiT: the pixel stream and its successor, the compressed tokens and one chunk of
-    // per-pixel modulation.
-    let pixel = 3 * l * p2 * pd * a
-        + 8 * l * cfg.pixel_attn_hidden_size as u64 * a
-        + 6 * 1024 * p2 * pd * a;
+    let cond = (gates * l * d + nt * d + l * p2 * pd) * F32;
+    // Patch blocks: the streams and their normed/modulated copies, qkv, q/k norms and the
+    // projections (~10 x L x D), the per-head q/k/v/out of the attention (~4 x L x D), one
+    // attention block (256 MiB) and one SwiGLU chunk of 8192 rows (w1, w3 and their product).
+    let patch =
+        (10 * F32 + 4 * a) * (l + nt) * d + (256 << 20) + 3 * 8192 * cfg.ffn_hidden() as u64 * F32;
+    // PiT: the pixel stream and its successor and modulated copy, the compressed tokens
+    // around the attention (and its operands), and one chunk of per-pixel modulation.
+    let pixel = 3 * l * p2 * pd * F32
+        + l * cfg.pixel_attn_hidden_size as u64 * (4 * F32 + 4 * a)
+        + 6 * 1024 * p2 * pd * F32;
     // The largest weight widened at use: packed for the CPU GEMM (its buffer is kept for the
     // next layer) or cast for candle's matmul.
     let upcast = (6 * p2 * pd) * d * a;
     // LQ trunk (computed once per conditioning): activations and the 3x3 im2col buffer.
-    let trunk = l * cfg.lq_hidden_dim as u64 * a * 12;
+    let trunk = l * cfg.lq_hidden_dim as u64 * 12 * F32;
     cond + patch.max(pixel).max(trunk) + upcast
 }
 

@@ -30,9 +30,6 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     if cfg!(feature = "cuda") {
         features.push("cuda");
     }
-    if cfg!(feature = "metal") {
-        features.push("metal");
-    }
     d.set_item("features", features)?;
     d.set_item("candle_version", env!("PID_CANDLE_VERSION"))?;
     d.set_item("target", env!("PID_TARGET"))?;
@@ -90,8 +87,7 @@ fn normalize_config(config: &str) -> Result<String, PyPidError> {
 #[pyfunction]
 #[pyo3(signature = (config, batch, h, w, weight_bytes, budget_bytes, tile=None))]
 #[allow(clippy::too_many_arguments)]
-fn plan_decode<'py>(
-    py: Python<'py>,
+fn plan_decode(
     config: &str,
     batch: usize,
     h: usize,
@@ -99,22 +95,40 @@ fn plan_decode<'py>(
     weight_bytes: usize,
     budget_bytes: u64,
     tile: Option<usize>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let cfg = NetConfig::from_json(config).map_err(PyPidError::from)?;
-    let (oh, ow) = pid_core::decoder::output_size(&cfg, h, w);
+) -> Result<decoder::PyPlan, PyPidError> {
+    let cfg = NetConfig::from_json(config)?;
     let dt = pid_core::plan::DTypes {
         activation: 4,
         weight: weight_bytes,
     };
-    let p = pid_core::plan::plan(&cfg, batch, oh, ow, dt, budget_bytes, tile)
-        .map_err(PyPidError::from)?;
-    decoder::plan_dict(py, &p)
+    Ok(decoder::make_plan(
+        &cfg,
+        (batch, h, w),
+        dt,
+        budget_bytes,
+        tile,
+    )?)
 }
 
 /// Tile blend weights along one axis (see `pid_core::plan::feather`).
 #[pyfunction]
 fn feather(length: usize, ramp_start: bool, ramp_end: bool) -> Vec<f32> {
     pid_core::plan::feather(length, ramp_start, ramp_end)
+}
+
+/// The latent pixels the tile `(y, x, h, w)` (output pixels, `f` per latent pixel) is
+/// conditioned on within a `(zh, zw)` latent, with a halo of up to `halo` latent pixels:
+/// `((y, x, h, w), (row, col))`, the crop and where the tile starts in it (latent pixels).
+#[pyfunction]
+fn latent_crop(
+    tile: (usize, usize, usize, usize),
+    f: usize,
+    halo: usize,
+    latent: (usize, usize),
+) -> ((usize, usize, usize, usize), (usize, usize)) {
+    let (y, x, h, w) = tile;
+    let (crop, offset) = pid_core::plan::Tile { y, x, h, w }.latent_crop(f, halo, latent);
+    ((crop.y, crop.x, crop.h, crop.w), offset)
 }
 
 /// The sampler's t ladder for `steps` network evaluations.
@@ -172,6 +186,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(normalize_config, m)?)?;
     m.add_function(wrap_pyfunction!(plan_decode, m)?)?;
     m.add_function(wrap_pyfunction!(feather, m)?)?;
+    m.add_function(wrap_pyfunction!(latent_crop, m)?)?;
     m.add_function(wrap_pyfunction!(t_ladder, m)?)?;
     m.add_function(wrap_pyfunction!(device::set_custom_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(device::custom_kernels, m)?)?;
@@ -181,6 +196,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<net::PyPidNet>()?;
     m.add_class::<decoder::PyDecoder>()?;
     m.add_class::<decoder::PyCancelToken>()?;
+    m.add_class::<decoder::PyPlan>()?;
+    m.add_class::<decoder::PyDecodeRequest>()?;
+    m.add_class::<decoder::PyProgressEvent>()?;
     m.add_class::<caption::PyCaptionEncoder>()?;
     m.add_class::<caption::PyCaptionCache>()?;
     m.add_class::<vae::PyVae>()?;

@@ -36,7 +36,8 @@ impl PyPidNet {
     ///         un-patchifying students (flux2 v1.5).
     ///     weight_dtype: resident dtype of the weights ("bf16" halves memory).
     ///     device: "cpu" or "cuda[:N]"; inputs and outputs stay NumPy float32.
-    ///     compute_dtype: activation dtype, "f32" (default), "bf16" (CUDA) or "f16".
+    ///     compute_dtype: the dtype of the matmul and attention operands, "f32" (default),
+    ///         "bf16" (CUDA) or "f16"; everything else runs in f32.
     #[staticmethod]
     #[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=None, weight_dtype="bf16", device="cpu", compute_dtype="f32"))]
     #[allow(clippy::too_many_arguments)]

@@ -3,9 +3,11 @@
 The tree mirrors ``rust/pid-core/src`` file for file: ``config``, ``weights``, ``net/``
 (``embedders``, ``rope``, ``attention``, ``layers``, ``patch_block``, ``pixel_block``,
 ``lq_proj``), ``noise``, ``sampler``, ``plan``, ``caption/`` (``prompt``, ``gemma``),
-``vae`` and ``decoder``. Deliberate differences: errors come from the package-level
-``pid_native.errors`` (the core's ``error.rs``), and ``engine`` adapts :class:`MlxDecoder`
-to the backend registry (the candle side does that in the PyO3 binding).
+``vae`` and ``decoder``; request validation, planning, tile geometry and noise come
+from the core itself through the extension. The deliberate differences (no ``kernels/``,
+errors from the package-level ``pid_native.errors``, ``engine`` adapting
+:class:`MlxDecoder` to the backend registry, a few network types arranged differently) are
+listed, with their reasons, in ``tests/test_mlx_mirror.py``, which fails on any other.
 
 Importing this package does not import ``mlx``, so the registry can report why the backend
 is unavailable instead of failing.

@@ -70,10 +70,6 @@ class NetConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @property
-    def is_v15(self) -> bool:
-        return self.pit_lq_inject
-
-    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_groups
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from ... import _native
 from ...errors import BackendUnavailableError, InvalidInputError
 from .. import OpenSpec
 from . import gpu_kind
@@ -46,6 +46,7 @@ class MlxEngine:
         self.decoder = decoder
         self.device = device
         self.scale = decoder.scale
+        self.config = decoder.config.to_json()
 
     @classmethod
     def open(cls, spec: OpenSpec) -> MlxEngine:
@@ -73,33 +74,20 @@ class MlxEngine:
         """None: MLX works in unified memory (or on the CPU), where available RAM is the budget."""
         return None
 
-    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> dict[str, Any]:
-        return self.decoder.plan(batch, h, w, budget_bytes, tile).as_dict()
+    def plan(self, batch: int, h: int, w: int, budget_bytes: int, tile: int | None) -> _native.Plan:
+        return self.decoder.plan(batch, h, w, budget_bytes, tile)
 
     def decode(
         self,
-        latents: np.ndarray,
-        caption_embs: np.ndarray,
-        sigma: list[float],
-        seeds: list[int],
-        steps: int,
-        budget_bytes: int,
-        tile: int | None,
-        progress: Callable[[dict[str, Any]], None] | None,
-        cancel: Any,
+        request: _native.DecodeRequest,
+        progress: Callable[[_native.ProgressEvent], None] | None,
+        cancel: _native.CancelToken | None,
     ) -> np.ndarray:
-        b, _, h, w = np.shape(latents)
-        plan = self.decoder.plan(b, h, w, budget_bytes, tile)
         with mx.stream(self.device):
             return self.decoder.decode(
-                latents,
-                caption_embs,
-                np.asarray(sigma, dtype=np.float32),
-                seeds,
-                steps,
-                should_cancel=(lambda: bool(cancel.cancelled)) if cancel is not None else None,
-                plan=plan,
+                request,
                 on_event=progress,
+                should_cancel=(lambda: bool(cancel.cancelled)) if cancel is not None else None,
             )
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:

@@ -22,7 +22,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::net::{AttentionBudget, Linear};
+use crate::kernels::AttentionBudget;
+use crate::net::Linear;
 use crate::weights::{read_metadata, TensorSet};
 use crate::{Error, Result};
 
@@ -353,10 +354,10 @@ impl Attention {
         let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: Linear::new(vb.pp("q_proj"), h, q, bias)?,
-            k_proj: Linear::new(vb.pp("k_proj"), h, kv, bias)?,
-            v_proj: Linear::new(vb.pp("v_proj"), h, kv, bias)?,
-            o_proj: Linear::new(vb.pp("o_proj"), q, h, bias)?,
+            q_proj: Linear::new(vb.pp("q_proj"), h, q, bias, DType::F32)?,
+            k_proj: Linear::new(vb.pp("k_proj"), h, kv, bias, DType::F32)?,
+            v_proj: Linear::new(vb.pp("v_proj"), h, kv, bias, DType::F32)?,
+            o_proj: Linear::new(vb.pp("o_proj"), q, h, bias, DType::F32)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -440,9 +441,9 @@ impl Mlp {
     fn new(cfg: &GemmaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::new(vb.pp("gate_proj"), h, m, false)?,
-            up_proj: Linear::new(vb.pp("up_proj"), h, m, false)?,
-            down_proj: Linear::new(vb.pp("down_proj"), m, h, false)?,
+            gate_proj: Linear::new(vb.pp("gate_proj"), h, m, false, DType::F32)?,
+            up_proj: Linear::new(vb.pp("up_proj"), h, m, false, DType::F32)?,
+            down_proj: Linear::new(vb.pp("down_proj"), m, h, false, DType::F32)?,
         })
     }
 }

@@ -43,19 +43,6 @@ pub struct CaptionEncoder {
 }
 
 impl CaptionEncoder {
-    /// Open a Hugging Face Gemma-2 directory (`config.json`, `tokenizer.json`, safetensors)
-    /// on the CPU with its own cache. `softcap` should stay `false` to match the reference
-    /// (pid_spec §5.7).
-    pub fn open(gemma_dir: &Path, softcap: bool) -> Result<Self> {
-        Self::new(
-            GemmaWeights::open_dir(gemma_dir)?,
-            &gemma_dir.join("tokenizer.json"),
-            softcap,
-            Arc::new(CaptionCache::default()),
-            &Device::Cpu,
-        )
-    }
-
     /// Assemble from validated weights and a `tokenizer.json`, sharing `cache`.
     pub fn new(
         weights: GemmaWeights,

@@ -3,20 +3,25 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaModule, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
-    Tensor, WithDType,
+    bail, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    Storage, Tensor, WithDType,
 };
 use half::bf16;
 
-use super::{gated_add_ops, last_dim, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops};
+use super::attention::{attention_dims, sdpa_chunked};
+use super::linear::widened_matmul;
+use super::{
+    gated_add_ops, last_dim, max_abs_diff, rms_norm_modulate_ops, rows_per_mod, sigma_gate_ops,
+};
 use crate::noise::{self, Stream};
 
 /// PTX for `CUDA_COMPUTE_CAP` (JIT-compiled by the driver on newer GPUs) and machine code for
@@ -89,16 +94,12 @@ fn stride_config(n: usize) -> LaunchConfig {
 
 /// These custom ops run on the GPU only; on the CPU the dispatchers in `mod.rs` pick the
 /// `cpu` kernels or the candle-ops twins.
+/// `no_cpu!(_a, _b)` for a two-operand op, `no_cpu!(_a, _b, _c)` for three.
 macro_rules! no_cpu {
-    () => {
+    ($($operand:ident),+) => {
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
+            $($operand: &candle_core::CpuStorage, _: &Layout),+
         ) -> Result<(candle_core::CpuStorage, Shape)> {
             bail!(
                 "{} is a CUDA kernel; the CPU runs its own kernel or the candle-ops twin",
@@ -158,7 +159,7 @@ impl CustomOp3 for RmsNormModulate {
         "pid-rms-norm-modulate"
     }
 
-    no_cpu!();
+    no_cpu!(_a, _b, _c);
 
     fn cuda_fwd(
         &self,
@@ -236,7 +237,7 @@ impl CustomOp3 for GatedAdd {
         "pid-gated-add"
     }
 
-    no_cpu!();
+    no_cpu!(_a, _b, _c);
 
     fn cuda_fwd(
         &self,
@@ -322,7 +323,7 @@ impl CustomOp3 for SigmaGate {
         "pid-sigma-gate"
     }
 
-    no_cpu!();
+    no_cpu!(_a, _b, _c);
 
     fn cuda_fwd(
         &self,
@@ -367,7 +368,7 @@ impl CustomOp3 for FlashAttention {
         "pid-flash-attention"
     }
 
-    no_cpu!();
+    no_cpu!(_a, _b, _c);
 
     fn cuda_fwd(
         &self,
@@ -379,7 +380,7 @@ impl CustomOp3 for FlashAttention {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = qs.device();
-        let (b, h, lq, lk, d) = crate::net::attention_dims(ql, kl, vl)?;
+        let (b, h, lq, lk, d) = attention_dims(ql, kl, vl)?;
         if qs.dtype() != DType::BF16 || !matches!(d, 64 | 72) {
             bail!(
                 "flash attention takes bf16 with head dim 64 or 72, got {:?} / {d}",
@@ -424,6 +425,88 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
+/// `x W^T` for bf16 rows `x (m, k)` and a bf16 weight `W (n, k)`, accumulated and returned in
+/// f32 (cuBLAS GemmEx on the tensor cores): the reference's bf16 autocast matmul without the
+/// rounding of its product.
+struct Bf16MatmulF32;
+
+impl CustomOp2 for Bf16MatmulF32 {
+    fn name(&self) -> &'static str {
+        "pid-bf16-matmul-f32"
+    }
+
+    no_cpu!(_a, _b);
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let ((m, k), (n, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if kw != k || xs.dtype() != DType::BF16 || ws.dtype() != DType::BF16 {
+            bail!(
+                "bf16 matmul of {:?} {:?} by {:?} {:?}",
+                xs.dtype(),
+                xl.dims(),
+                ws.dtype(),
+                wl.dims()
+            )
+        }
+        let (x, w) = (view::<bf16>(xs, xl)?, view::<bf16>(ws, wl)?);
+        let mut out = unsafe { dev.alloc::<f32>(m * n)? };
+        let blas = dev.cublas_handle();
+        let stream = out.stream().clone();
+        let (alpha, beta) = (1f32, 0f32);
+        let dims = [n, m, k].map(|v| v as i32);
+        {
+            let (xp, _x) = x.device_ptr(&stream);
+            let (wp, _w) = w.device_ptr(&stream);
+            let (op, _o) = out.device_ptr_mut(&stream);
+            // Row-major `out (m, n)` is column-major `out^T (n, m) = W x^T`: `W` read
+            // transposed from its column-major `(k, n)` buffer, `x` as column-major `(k, m)`.
+            // SAFETY: the pointers address x (m k), W (n k) and out (m n) elements as stated,
+            // on the stream the handle runs on; alpha and beta outlive the call.
+            unsafe {
+                cublas::gemm_ex(
+                    *blas.handle(),
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    dims[0],
+                    dims[1],
+                    dims[2],
+                    &alpha as *const f32 as *const _,
+                    wp as *const _,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    dims[2],
+                    xp as *const _,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    dims[2],
+                    &beta as *const f32 as *const _,
+                    op as *mut _,
+                    cublas_sys::cudaDataType_t::CUDA_R_32F,
+                    dims[0],
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((m, n)),
+        ))
+    }
+}
+
+/// `x W^T` f32 for bf16-rounded `x (m, k)` and `W (n, k)` (see [`Bf16MatmulF32`]).
+pub fn bf16_matmul_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.contiguous();
+    bf(x)?.apply_op2_no_bwd(&bf(w)?, &Bf16MatmulF32)
+}
+
 /// `n` normals of stream `stream` drawn on `dev` (bit-identical to `noise::normal`).
 pub fn normal(dev: &CudaDevice, seed: u64, stream: u32, n: usize) -> Result<Tensor> {
     let out = unsafe { dev.alloc::<f32>(n)? };
@@ -436,7 +519,8 @@ pub fn normal(dev: &CudaDevice, seed: u64, stream: u32, n: usize) -> Result<Tens
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     Ok(Tensor::from_storage(storage, n, BackpropOp::none(), false))
 }
-/// One custom kernel measured against its candle-ops twin on the same inputs.
+/// One custom kernel measured against its candle-ops twin on the same inputs; the largest
+/// difference is infinite when either output holds a non-finite value.
 #[derive(Debug, Clone)]
 pub struct KernelCheck {
     pub name: String,
@@ -465,14 +549,9 @@ pub fn self_check(device: &Device) -> Result<Vec<KernelCheck>> {
             (Tensor::randn(0f32, 1.0, shape, device)? * k)?.to_dtype(dtype)
         };
         let mut check = |name: &str, fused: Tensor, twin: Tensor, tol: f32| -> Result<()> {
-            let d = (fused.to_dtype(DType::F32)? - twin.to_dtype(DType::F32)?)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
             out.push(KernelCheck {
                 name: format!("{name}/{dtype:?}").to_lowercase(),
-                max_abs_diff: d,
+                max_abs_diff: max_abs_diff(&fused, &twin)?,
                 tolerance: tol,
             });
             Ok(())
@@ -519,6 +598,10 @@ pub fn self_check(device: &Device) -> Result<Vec<KernelCheck>> {
             check(name, sigma_gate(&s, &f, &logit, &offset)?, twin, tol)?;
         }
         if dtype == DType::BF16 {
+            // Rows and widths off every tile; outputs of about unit size.
+            let (x, w) = (r(&[300, 1152], 1.0)?, r(&[1000, 1152], 1.0 / 34.0)?);
+            let twin = widened_matmul(&x, &w, DType::BF16)?;
+            check("linear", bf16_matmul_f32(&x, &w)?, twin, 1e-4)?;
             // Keys not a multiple of the 32-key tile, queries not of the 64-query block.
             for d in [64, 72] {
                 let (q, k, v) = (
@@ -526,7 +609,7 @@ pub fn self_check(device: &Device) -> Result<Vec<KernelCheck>> {
                     r(&[2, 3, 301, d], 1.0)?,
                     r(&[2, 3, 301, d], 1.0)?,
                 );
-                let twin = crate::net::sdpa_chunked(&q, &k, &v, Default::default())?;
+                let twin = sdpa_chunked(&q, &k, &v, Default::default())?;
                 check(
                     &format!("flash_attention.d{d}"),
                     flash_attention(&q, &k, &v)?,
@@ -539,10 +622,9 @@ pub fn self_check(device: &Device) -> Result<Vec<KernelCheck>> {
     let n = 3 * 777 + 2;
     let cpu = Tensor::from_vec(noise::normal(42, Stream::Renoise(1), n), n, &Device::Cpu)?;
     let dev = normal(cuda, 42, Stream::Renoise(1).id(), n)?.to_device(&Device::Cpu)?;
-    let diff = (cpu - dev)?.abs()?.max(0)?.to_scalar::<f32>()?;
     out.push(KernelCheck {
         name: "normal/f32".into(),
-        max_abs_diff: diff,
+        max_abs_diff: max_abs_diff(&cpu, &dev)?,
         tolerance: 0.0,
     });
     Ok(out)

@@ -1,5 +1,5 @@
-//! Fused operations with our own kernels — CUDA (`kernels/pid_kernels.cu`) and CPU
-//! (`cpu.rs`) — and their candle-ops twins.
+//! Our own kernels — CUDA (`kernels/pid_kernels.cu`) and CPU — for the operations where
+//! candle's ops are slow or take too much memory, each beside its candle-ops twin.
 //!
 //! Each function computes the same result on every device. On a CUDA tensor of a supported
 //! dtype, with custom kernels enabled, it launches one kernel; on a CPU f32 tensor it runs
@@ -7,14 +7,25 @@
 //! kernels are tested against (`self_check` on CUDA builds, unit tests on the CPU). Custom
 //! CUDA kernels are on by default; `PID_CUDA_KERNELS=0` in the environment or [`set_enabled`]
 //! turns them off for the whole process.
+//!
+//! Operands of mixed precision combine in the wider dtype, as PyTorch's type promotion does.
+//!
+//! This module knows nothing of the network: `net` calls it, never the reverse.
 
+mod attention;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod flash;
 pub(crate) mod gemm;
+mod linear;
+mod pixel_mlp;
+
+pub use attention::{qkv_heads, sdpa, AttentionBudget, QkvStream};
 #[cfg(feature = "cuda")]
 pub use cuda::{self_check, KernelCheck};
+pub use linear::{cast_param, linear};
+pub use pixel_mlp::PixelMlp;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -53,8 +64,7 @@ fn use_kernel(t: &Tensor) -> bool {
         && enabled()
 }
 
-/// Whether an op on `t` runs a CPU kernel (ours in [`cpu`], or the fused attention and
-/// matvec in `net`).
+/// Whether an op on `t` runs one of our CPU kernels.
 pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
@@ -78,11 +88,12 @@ fn rows_per_mod(what: &str, rows: usize, d: usize, m_elems: usize) -> Result<usi
     Ok(rows / m)
 }
 
-/// `rmsnorm(x) * weight * (1 + scale) + shift`, the adaLN-modulated norm of every block.
+/// `rmsnorm(x) * weight * (1 + scale) + shift`, the adaLN-modulated norm of every block, in
+/// `x`'s dtype (f32 for the network's residual streams), `shift` and `scale` cast to it.
 ///
 /// `x (..., D)`; `shift` and `scale` hold `M` rows of `D` with `M` dividing the rows of `x`,
 /// shaped to broadcast against it: `(B, 1, D)` for a patch block's per-image modulation of
-/// `(B, L, D)`, or `x`'s own shape for a PiT block's per-pixel one. `weight (D,)` in `x`'s dtype.
+/// `(B, L, D)`, or `x`'s own shape for a PiT block's per-pixel one. `weight (D,)`.
 pub fn rms_norm_modulate(
     x: &Tensor,
     weight: &Tensor,
@@ -90,9 +101,10 @@ pub fn rms_norm_modulate(
     scale: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
+    let (shift, scale) = (shift.to_dtype(x.dtype())?, scale.to_dtype(x.dtype())?);
     #[cfg(feature = "cuda")]
     if use_kernel(x) {
-        return cuda::rms_norm_modulate(x, weight, shift, scale, eps);
+        return cuda::rms_norm_modulate(x, weight, &shift, &scale, eps);
     }
     if use_cpu_kernel(x) {
         let op = cpu::RmsNormModulate {
@@ -101,9 +113,9 @@ pub fn rms_norm_modulate(
         };
         return x
             .contiguous()?
-            .apply_op3_no_bwd(&f32_operand(shift)?, &f32_operand(scale)?, &op);
+            .apply_op3_no_bwd(&shift.contiguous()?, &scale.contiguous()?, &op);
     }
-    rms_norm_modulate_ops(x, weight, shift, scale, eps)
+    rms_norm_modulate_ops(x, weight, &shift, &scale, eps)
 }
 
 fn rms_norm_modulate_ops(
@@ -113,13 +125,13 @@ fn rms_norm_modulate_ops(
     scale: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?
+    candle_nn::ops::rms_norm(&x.contiguous()?, &weight.to_dtype(x.dtype())?, eps)?
         .broadcast_mul(&(scale + 1.0)?)?
         .broadcast_add(shift)
 }
 
-/// `x + gate * y`, the gated residual of every block; `gate` broadcasts like `shift` in
-/// [`rms_norm_modulate`].
+/// `x + gate * y`, the gated residual of every block, in `x`'s dtype (`gate` and `y` are cast
+/// to it); `gate` broadcasts like `shift` in [`rms_norm_modulate`].
 pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if use_kernel(x) {
@@ -136,18 +148,21 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 fn gated_add_ops(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    x + y.broadcast_mul(gate)?
+    let dt = x.dtype();
+    x + y.to_dtype(dt)?.broadcast_mul(&gate.to_dtype(dt)?)?
 }
 
-/// The sigma-aware LQ gate `s + f * sigmoid(logit - offset)`, evaluated in f32.
+/// The sigma-aware LQ gate `s + f * sigmoid(logit - offset)`, evaluated and returned in f32
+/// (the gate is f32, so the reference's update promotes a bf16 stream to f32).
 ///
-/// `s, f (B, L, D)`, `logit (B, L, D or 1)`, `offset (B,)` f32; returns `s`'s dtype.
+/// `s, f (B, L, D)`, `logit (B, L, D or 1)`, `offset (B,)` f32.
 pub fn sigma_gate(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Result<Tensor> {
+    let s = s.to_dtype(DType::F32)?;
     #[cfg(feature = "cuda")]
-    if use_kernel(s) {
-        return cuda::sigma_gate(s, f, logit, offset);
+    if use_kernel(&s) {
+        return cuda::sigma_gate(&s, f, logit, offset);
     }
-    if use_cpu_kernel(s) {
+    if use_cpu_kernel(&s) {
         let op = cpu::SigmaGate {
             offset: cpu::f32_vec(offset)?,
         };
@@ -155,7 +170,7 @@ pub fn sigma_gate(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
             .contiguous()?
             .apply_op3_no_bwd(&f32_operand(f)?, &f32_operand(logit)?, &op);
     }
-    sigma_gate_ops(s, f, logit, offset)
+    sigma_gate_ops(&s, f, logit, offset)
 }
 
 fn sigma_gate_ops(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Result<Tensor> {
@@ -163,7 +178,26 @@ fn sigma_gate_ops(s: &Tensor, f: &Tensor, logit: &Tensor, offset: &Tensor) -> Re
     let gate = candle_nn::ops::sigmoid(
         &f32(logit)?.broadcast_sub(&offset.to_dtype(DType::F32)?.reshape(((), 1, 1))?)?,
     )?;
-    (f32(s)? + f32(f)?.broadcast_mul(&gate)?)?.to_dtype(s.dtype())
+    f32(s)? + f32(f)?.broadcast_mul(&gate)?
+}
+
+/// `a @ b` with both operands rounded to `dtype` and f32 accumulation, in `dtype` (the
+/// reference's autocast matmul). On the CPU a reduced `dtype` runs on the widened operands:
+/// candle's CPU half-precision product accumulates in half precision for a single row.
+fn matmul_f32_acc(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+    if dtype == DType::F32 || !a.device().is_cpu() {
+        return a.matmul(&b);
+    }
+    a.to_dtype(DType::F32)?
+        .matmul(&b.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// PiD's RMSNorm `weight * (x * rsqrt(mean(x^2) + eps))` over the last axis, in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    candle_nn::ops::rms_norm(&x, &cast_param(weight, DType::F32)?, eps)
 }
 
 /// `silu(a) * b`, the gate of a SwiGLU feed-forward (`a`, `b` of one shape).
@@ -204,6 +238,28 @@ pub fn normal(seed: u64, stream: Stream, n: usize, device: &Device) -> Result<Te
     Tensor::from_vec(noise::normal(seed, stream, n), n, device)
 }
 
+/// The largest `|a - b|` over all elements (any device, same shape), infinite when either
+/// holds a NaN or an infinity, so that every bound on it fails (candle's `max` skips NaN).
+#[cfg(any(test, feature = "cuda"))]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        bail!("comparing shapes {:?} and {:?}", a.dims(), b.dims())
+    }
+    let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok(values(a)?
+        .iter()
+        .zip(&values(b)?)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_finite() {
+                d
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,10 +268,21 @@ mod tests {
         Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
     }
 
-    /// Largest |a - b| relative to the largest |b|.
+    /// Largest |a - b| relative to the largest |b| (infinite for any non-finite value).
     fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
-        Ok(max_abs(&(a - b)?)? / max_abs(b)?)
+        Ok(max_abs_diff(a, b)? / max_abs_diff(b, &b.zeros_like()?)?)
+    }
+
+    #[test]
+    fn comparisons_fail_on_any_non_finite_value() -> Result<()> {
+        let good = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = Tensor::new(&[1f32, bad, 3.0], &Device::Cpu)?;
+            assert_eq!(max_abs_diff(&t, &good)?, f32::INFINITY);
+            assert_eq!(max_abs_diff(&good, &t)?, f32::INFINITY);
+        }
+        assert_eq!(max_abs_diff(&good, &good)?, 0.0);
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Input embedders (pid_spec §3.2): timestep, caption, patch tokens and pixel tokens.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{Linear, RmsNorm};
@@ -16,11 +16,11 @@ pub struct TimestepEmbedder {
 impl TimestepEmbedder {
     pub const FREQ_DIM: usize = 256;
 
-    pub fn new(vb: VarBuilder, hidden: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, hidden: usize, dtype: DType) -> Result<Self> {
         let vb = vb.pp("mlp");
         Ok(Self {
-            mlp_0: Linear::new(vb.pp("0"), Self::FREQ_DIM, hidden, true)?,
-            mlp_2: Linear::new(vb.pp("2"), hidden, hidden, true)?,
+            mlp_0: Linear::new(vb.pp("0"), Self::FREQ_DIM, hidden, true, dtype)?,
+            mlp_2: Linear::new(vb.pp("2"), hidden, hidden, true, dtype)?,
         })
     }
 
@@ -34,7 +34,7 @@ impl TimestepEmbedder {
             .collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
         let args = t
-            .to_dtype(candle_core::DType::F32)?
+            .to_dtype(DType::F32)?
             .unsqueeze(1)?
             .broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
@@ -50,9 +50,9 @@ pub struct CaptionEmbedder {
 }
 
 impl CaptionEmbedder {
-    pub fn new(vb: VarBuilder, txt_dim: usize, hidden: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, txt_dim: usize, hidden: usize, dtype: DType) -> Result<Self> {
         Ok(Self {
-            proj: Linear::new(vb.pp("proj"), txt_dim, hidden, true)?,
+            proj: Linear::new(vb.pp("proj"), txt_dim, hidden, true, dtype)?,
             norm: RmsNorm::new(vb.pp("norm"), hidden)?,
         })
     }
@@ -70,11 +70,21 @@ pub struct PatchEmbedder {
 }
 
 impl PatchEmbedder {
-    pub fn new(vb: VarBuilder, in_channels: usize, patch: usize, hidden: usize) -> Result<Self> {
-        Ok(Self {
-            proj: Linear::new(vb.pp("proj"), in_channels * patch * patch, hidden, true)?,
-            patch,
-        })
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        patch: usize,
+        hidden: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let proj = Linear::new(
+            vb.pp("proj"),
+            in_channels * patch * patch,
+            hidden,
+            true,
+            dtype,
+        )?;
+        Ok(Self { proj, patch })
     }
 
     /// `x (B, C, H, W)` -> `(B, L, hidden)`, tokens row-major over the patch grid.
@@ -99,21 +109,21 @@ pub struct PixelEmbedder {
 }
 
 impl PixelEmbedder {
-    pub fn new(vb: VarBuilder, in_channels: usize, dim: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, in_channels: usize, dim: usize, dtype: DType) -> Result<Self> {
         Ok(Self {
-            proj: Linear::new(vb.pp("proj"), in_channels, dim, true)?,
+            proj: Linear::new(vb.pp("proj"), in_channels, dim, true, dtype)?,
             dim,
         })
     }
 
-    /// The position table for an `h x w` image, `(h, w, dim)`; cache it across steps.
+    /// The position table of the pixels `rows x cols`, `(rows, cols, dim)`; cache it across steps.
     pub fn position_table(
         &self,
-        h: usize,
-        w: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
         device: &candle_core::Device,
     ) -> Result<Tensor> {
-        pixel_sincos(self.dim, h, w, device)
+        pixel_sincos(self.dim, rows, cols, device)
     }
 
     /// `x (B, C, H, W)` -> pixel tokens `(B * L, P*P, dim)` grouped by patch (index ky*P + kx).
@@ -122,7 +132,7 @@ impl PixelEmbedder {
         let (hs, ws) = (h / patch, w / patch);
         let tokens = self.proj.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?; // (B, H, W, dim)
         tokens
-            .broadcast_add(&pos.to_dtype(tokens.dtype())?.unsqueeze(0)?)?
+            .broadcast_add(&pos.unsqueeze(0)?)?
             .reshape((b, hs, patch, ws, patch, self.dim))?
             .permute((0, 1, 3, 2, 4, 5))?
             .contiguous()?

@@ -21,8 +21,6 @@ mod pixel_block;
 mod rope;
 
 pub use attention::AttentionBudget;
-#[cfg(feature = "cuda")]
-pub(crate) use attention::{attention_dims, sdpa_chunked};
 pub(crate) use layers::Linear;
 pub use lq_proj::LqFeatures;
 pub(crate) use rope::linspace_f32;
@@ -31,6 +29,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::NetConfig;
+use crate::kernels::cast_param;
+use crate::plan::Tile;
 use embedders::{CaptionEmbedder, PatchEmbedder, PixelEmbedder, TimestepEmbedder};
 use lq_proj::{LqProj, SigmaGate};
 use patch_block::PatchBlock;
@@ -101,6 +101,16 @@ impl Conditioning {
         self.size
     }
 
+    /// The absolute pixel positions `(H, W, pixel_dim)` of the conditioned pixels.
+    pub fn pixel_positions(&self) -> &Tensor {
+        &self.pixel_pos
+    }
+
+    /// The rotations of the image tokens in the patch blocks and in the PiT blocks.
+    pub fn image_ropes(&self) -> (&Rope, &Rope) {
+        (&self.rope_patch.image, &self.rope_pixel)
+    }
+
     pub fn batch(&self) -> usize {
         self.sigma.dims()[0]
     }
@@ -119,33 +129,38 @@ pub struct PidNet {
     lq_proj: LqProj,
     pit_lq_gate: Option<SigmaGate>,
     budget: AttentionBudget,
-    compute_dtype: DType,
 }
 
 impl PidNet {
     /// Build from a VarBuilder over the bare (upstream) tensor names.
     ///
-    /// Weights stay in `vb.dtype()`; activations are computed in `compute_dtype`.
+    /// Weights stay in `vb.dtype()`. Matmuls and convolutions take their operands rounded to
+    /// `compute_dtype` and accumulate in f32, as the reference's bf16 autocast does (pid_spec
+    /// §8.2), but keep their product in f32; attention runs on q, k, v in it with f32 scores
+    /// and softmax, as flash attention does. Everything else is f32: norms, residual streams,
+    /// gates, the timestep's sinusoids, positions, the elementwise work between matmuls.
     pub fn new(cfg: &NetConfig, vb: VarBuilder, compute_dtype: DType) -> Result<Self> {
-        let d = cfg.hidden_size;
+        let (d, cd) = (cfg.hidden_size, compute_dtype);
         let gate_out = match cfg.lq_gate_type {
             crate::config::GateType::SigmaAwarePerTokenPerDim => d,
             crate::config::GateType::SigmaAwarePerToken => 1,
         };
         Ok(Self {
-            t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), d)?,
-            y_embedder: CaptionEmbedder::new(vb.pp("y_embedder"), cfg.txt_embed_dim, d)?,
+            t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), d, cd)?,
+            y_embedder: CaptionEmbedder::new(vb.pp("y_embedder"), cfg.txt_embed_dim, d, cd)?,
             y_pos_embedding: vb.get((1, cfg.txt_max_length, d), "y_pos_embedding")?,
             s_embedder: PatchEmbedder::new(
                 vb.pp("s_embedder"),
                 cfg.in_channels,
                 cfg.patch_size,
                 d,
+                cd,
             )?,
             pixel_embedder: PixelEmbedder::new(
                 vb.pp("pixel_embedder"),
                 cfg.in_channels,
                 cfg.pixel_hidden_size,
+                cd,
             )?,
             patch_blocks: (0..cfg.patch_depth)
                 .map(|i| {
@@ -154,6 +169,7 @@ impl PidNet {
                         d,
                         cfg.num_groups,
                         cfg.ffn_hidden(),
+                        cd,
                     )
                 })
                 .collect::<Result<_>>()?,
@@ -166,6 +182,7 @@ impl PidNet {
                         cfg.patch_size,
                         cfg.pixel_attn_hidden_size,
                         cfg.pixel_num_groups,
+                        cd,
                     )
                 })
                 .collect::<Result<_>>()?,
@@ -173,36 +190,21 @@ impl PidNet {
                 vb.pp("final_layer"),
                 cfg.pixel_hidden_size,
                 cfg.in_channels,
+                cd,
             )?,
-            lq_proj: LqProj::new(vb.pp("lq_proj"), cfg)?,
+            lq_proj: LqProj::new(vb.pp("lq_proj"), cfg, cd)?,
             pit_lq_gate: if cfg.pit_lq_inject {
-                Some(SigmaGate::new(vb.pp("pit_lq_gate"), d, gate_out)?)
+                Some(SigmaGate::new(vb.pp("pit_lq_gate"), d, gate_out, cd)?)
             } else {
                 None
             },
             budget: AttentionBudget::default(),
-            compute_dtype,
             cfg: cfg.clone(),
         })
     }
 
     pub fn config(&self) -> &NetConfig {
         &self.cfg
-    }
-
-    pub fn with_attention_budget(mut self, budget: AttentionBudget) -> Self {
-        self.budget = budget;
-        self
-    }
-
-    fn grid(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let p = self.cfg.patch_size;
-        if h == 0 || w == 0 || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
-            candle_core::bail!(
-                "output size {h}x{w} must be a positive multiple of the patch size {p}"
-            )
-        }
-        Ok((h / p, w / p))
     }
 
     /// Compute what is constant across sampler steps for an `(h, w)` output.
@@ -216,49 +218,82 @@ impl PidNet {
         size: (usize, usize),
         trace: &mut Trace,
     ) -> Result<Conditioning> {
-        let (h, w) = size;
-        let (hs, ws) = self.grid(h, w)?;
+        self.condition_window(y, z, sigma, size, &Tile::whole(size.0, size.1), trace)
+    }
+
+    /// [`PidNet::condition`] for the tile `window` of an `(h, w)` output: pixel positions and
+    /// RoPE are the whole image's for the tile's pixels, the LQ features come from the tile's
+    /// latent with a halo (see [`LqProj::window_features`]).
+    pub fn condition_window(
+        &self,
+        y: &Tensor,
+        z: &Tensor,
+        sigma: &Tensor,
+        (h, w): (usize, usize),
+        window: &Tile,
+        trace: &mut Trace,
+    ) -> Result<Conditioning> {
+        let cfg = &self.cfg;
+        let p = cfg.patch_size;
+        let on_grid = |v: usize| v.is_multiple_of(p);
+        let inside = window.y + window.h <= h && window.x + window.w <= w;
+        let aligned = [h, w, window.y, window.x, window.h, window.w]
+            .into_iter()
+            .all(on_grid);
+        if h == 0 || w == 0 || window.h == 0 || window.w == 0 || !inside || !aligned {
+            candle_core::bail!(
+                "output size {h}x{w} must be a positive multiple of the patch size {p}, and the window {window:?} a block of patches inside it"
+            )
+        }
         let dev = y.device();
-        let cd = self.compute_dtype;
-        let nt = y.dim(1)?.min(self.cfg.txt_max_length);
-        let y_emb = self
-            .y_embedder
-            .forward(&y.narrow(1, 0, nt)?.to_dtype(cd)?)?;
+        let nt = y.dim(1)?.min(cfg.txt_max_length);
+        let y_emb = self.y_embedder.forward(&y.narrow(1, 0, nt)?)?;
         trace.record(|| "y_embedder".into(), &y_emb);
-        let y = y_emb.broadcast_add(&self.y_pos_embedding.narrow(1, 0, nt)?.to_dtype(cd)?)?;
-        let lq = self.lq_proj.features(&z.to_dtype(cd)?, hs, ws)?;
+        let y_pos = self.y_pos_embedding.narrow(1, 0, nt)?;
+        let y = y_emb.broadcast_add(&cast_param(&y_pos, DType::F32)?)?;
+        let lq = self
+            .lq_proj
+            .window_features(z, (h, w), window, cfg.pixels_per_latent(), p)?;
         for (j, f) in lq.heads.iter().enumerate() {
             trace.record(|| format!("lq_head_{j}"), f);
         }
-        let cfg = &self.cfg;
-        let ref_grid = (
-            cfg.rope_ref_h / cfg.patch_size,
-            cfg.rope_ref_w / cfg.patch_size,
+        let grid = (h / p, w / p);
+        let (rows, cols) = (
+            window.y / p..(window.y + window.h) / p,
+            window.x / p..(window.x + window.w) / p,
         );
+        let ref_grid = (cfg.rope_ref_h / p, cfg.rope_ref_w / p);
+        let image_rope = |head_dim: usize| -> Result<Rope> {
+            let tables = rope::image_rope(
+                head_dim,
+                grid,
+                rows.clone(),
+                cols.clone(),
+                ref_grid,
+                cfg.rope_mode,
+                dev,
+            )?;
+            Ok(tables.into())
+        };
         Ok(Conditioning {
             y,
             lq,
             sigma: sigma.to_dtype(DType::F32)?,
             rope_patch: JointRope {
-                image: rope::image_rope(cfg.head_dim(), hs, ws, ref_grid, cfg.rope_mode, dev)?
-                    .into(),
+                image: image_rope(cfg.head_dim())?,
                 text: if cfg.use_text_rope {
                     Some(rope::text_rope(cfg.head_dim(), nt, cfg.text_rope_theta, dev)?.into())
                 } else {
                     None
                 },
             },
-            rope_pixel: rope::image_rope(
-                cfg.pixel_head_dim(),
-                hs,
-                ws,
-                ref_grid,
-                cfg.rope_mode,
+            rope_pixel: image_rope(cfg.pixel_head_dim())?,
+            pixel_pos: self.pixel_embedder.position_table(
+                window.y..window.y + window.h,
+                window.x..window.x + window.w,
                 dev,
-            )?
-            .into(),
-            pixel_pos: self.pixel_embedder.position_table(h, w, dev)?,
-            size,
+            )?,
+            size: (window.h, window.w),
         })
     }
 
@@ -279,8 +314,8 @@ impl PidNet {
                 cond.size
             )
         }
-        let x = x.to_dtype(self.compute_dtype)?;
-        let t_emb = self.t_embedder.forward(t)?.to_dtype(self.compute_dtype)?; // (B, D)
+        let x = x.to_dtype(DType::F32)?;
+        let t_emb = self.t_embedder.forward(t)?; // (B, D)
         trace.record(|| "t_embedder".into(), &t_emb);
         let c = t_emb.silu()?;
 

@@ -4,12 +4,12 @@
 //! Image tokens `x (B, L, D)` and text tokens `y (B, Nt, D)` each get their own adaLN,
 //! norms, QKV and MLP, and attend jointly over [text; image] with no mask.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{merge_heads, qkv_heads, sdpa, AttentionBudget, QkvStream};
+use super::attention::{attention, merge_heads, stream, AttentionBudget};
 use super::layers::{chunk_last, gated_add, map_row_chunks, Linear, RmsNorm};
-use super::{JointRope, Rope};
+use super::JointRope;
 use crate::kernels;
 
 /// Rows of token-local work (MLP) processed at once; bounds the SwiGLU hidden.
@@ -24,11 +24,11 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, hidden: usize, dtype: DType) -> Result<Self> {
         Ok(Self {
-            w1: Linear::new(vb.pp("w1"), dim, hidden, false)?,
-            w2: Linear::new(vb.pp("w2"), hidden, dim, false)?,
-            w3: Linear::new(vb.pp("w3"), dim, hidden, false)?,
+            w1: Linear::new(vb.pp("w1"), dim, hidden, false, dtype)?,
+            w2: Linear::new(vb.pp("w2"), hidden, dim, false, dtype)?,
+            w3: Linear::new(vb.pp("w3"), dim, hidden, false, dtype)?,
         })
     }
 }
@@ -55,18 +55,6 @@ struct StreamQkv {
     k_norm: RmsNorm,
 }
 
-impl StreamQkv {
-    /// This stream's projection `qkv (B, N, 3D)` as attention input rotated by `rope`.
-    fn project<'a>(&'a self, qkv: &'a Tensor, rope: Option<&'a Rope>) -> QkvStream<'a> {
-        QkvStream {
-            qkv,
-            q_norm: &self.q_norm,
-            k_norm: &self.k_norm,
-            rope,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct PatchBlock {
     norm_x1: RmsNorm,
@@ -85,12 +73,20 @@ pub struct PatchBlock {
 }
 
 impl PatchBlock {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize, ffn_hidden: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        ffn_hidden: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         let attn = vb.pp("attn");
+        let linear =
+            |vb: VarBuilder, i: usize, o: usize, bias: bool| Linear::new(vb, i, o, bias, dtype);
         let stream = |s: &str| -> Result<StreamQkv> {
             Ok(StreamQkv {
-                qkv: Linear::new(attn.pp(format!("qkv_{s}")), dim, 3 * dim, false)?,
+                qkv: linear(attn.pp(format!("qkv_{s}")), dim, 3 * dim, false)?,
                 q_norm: RmsNorm::new(attn.pp(format!("q_norm_{s}")), head_dim)?,
                 k_norm: RmsNorm::new(attn.pp(format!("k_norm_{s}")), head_dim)?,
             })
@@ -102,22 +98,12 @@ impl PatchBlock {
             norm_y2: RmsNorm::new(vb.pp("norm_y2"), dim)?,
             attn_x: stream("x")?,
             attn_y: stream("y")?,
-            proj_x: Linear::new(attn.pp("proj_x"), dim, dim, true)?,
-            proj_y: Linear::new(attn.pp("proj_y"), dim, dim, true)?,
-            mlp_x: FeedForward::new(vb.pp("mlp_x"), dim, ffn_hidden)?,
-            mlp_y: FeedForward::new(vb.pp("mlp_y"), dim, ffn_hidden)?,
-            ada_ln_modulation_img: Linear::new(
-                vb.pp("adaLN_modulation_img.0"),
-                dim,
-                6 * dim,
-                true,
-            )?,
-            ada_ln_modulation_txt: Linear::new(
-                vb.pp("adaLN_modulation_txt.0"),
-                dim,
-                6 * dim,
-                true,
-            )?,
+            proj_x: linear(attn.pp("proj_x"), dim, dim, true)?,
+            proj_y: linear(attn.pp("proj_y"), dim, dim, true)?,
+            mlp_x: FeedForward::new(vb.pp("mlp_x"), dim, ffn_hidden, dtype)?,
+            mlp_y: FeedForward::new(vb.pp("mlp_y"), dim, ffn_hidden, dtype)?,
+            ada_ln_modulation_img: linear(vb.pp("adaLN_modulation_img.0"), dim, 6 * dim, true)?,
+            ada_ln_modulation_txt: linear(vb.pp("adaLN_modulation_txt.0"), dim, 6 * dim, true)?,
             heads,
         })
     }
@@ -141,12 +127,13 @@ impl PatchBlock {
         let yn = self.norm_y1.forward_modulated(y, &my[0], &my[1])?;
         let (qkv_x, qkv_y) = (self.attn_x.qkv.forward(&xn)?, self.attn_y.qkv.forward(&yn)?);
         // Joint attention over [text; image]; the last block needs only the image queries.
+        let (ax, ay) = (&self.attn_x, &self.attn_y);
         let streams = [
-            self.attn_y.project(&qkv_y, rope.text.as_ref()),
-            self.attn_x.project(&qkv_x, Some(&rope.image)),
+            stream(&qkv_y, &ay.q_norm, &ay.k_norm, rope.text.as_ref()),
+            stream(&qkv_x, &ax.q_norm, &ax.k_norm, Some(&rope.image)),
         ];
-        let (q, k, v) = qkv_heads(&streams, self.heads, if text_out { 0 } else { 1 })?;
-        let out = sdpa(&q, &k, &v, budget)?;
+        let q_from = if text_out { 0 } else { 1 };
+        let out = attention(&streams, self.heads, q_from, ax.qkv.dtype(), budget)?;
         let (nt, lx) = (y.dim(1)?, x.dim(1)?);
         let (attn_x, attn_y) = if text_out {
             (out.narrow(2, nt, lx)?, Some(out.narrow(2, 0, nt)?))

@@ -6,17 +6,13 @@
 //! and expanded back. Everything but the attention is local to a patch, so it runs
 //! in token chunks: the full per-pixel modulation would be 3.2 GB at 4096².
 
-use std::f32::consts::FRAC_1_SQRT_2;
-
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
-use super::attention::{merge_heads, qkv_heads, sdpa, AttentionBudget, QkvStream};
+use super::attention::{attention, merge_heads, stream, AttentionBudget};
 use super::layers::{gated_add, map_row_chunks, Linear, RmsNorm};
 use super::Rope;
-use crate::kernels::cpu::{cpu_slice, exp_f32, f32_vec};
-use crate::kernels::use_cpu_kernel;
+use crate::kernels::{self, PixelMlp};
 
 /// Patches processed at once in the token-local passes.
 const PATCH_ROWS: usize = 1024;
@@ -26,83 +22,25 @@ const PATCH_ROWS: usize = 1024;
 struct Mlp {
     fc1: Linear,
     fc2: Linear,
-    /// The same weights for the fused CPU kernel, widened and transposed once at load.
+    /// The same weights for the fused CPU kernel.
     fused: PixelMlp,
 }
 
 impl Mlp {
-    fn new(fc1: Linear, fc2: Linear) -> Result<Self> {
-        let bias = |l: &Linear| match l.bias() {
-            Some(b) => f32_vec(b),
-            None => Ok(vec![0.0; l.out_dim()]),
-        };
-        let fused = PixelMlp {
-            w1_t: f32_vec(&fc1.weight().t()?)?,
-            b1: bias(&fc1)?,
-            w2_t: f32_vec(&fc2.weight().t()?)?,
-            b2: bias(&fc2)?,
-        };
+    fn new(vb: VarBuilder, dim: usize, hidden: usize, dtype: DType) -> Result<Self> {
+        let fc1 = Linear::new(vb.pp("fc1"), dim, hidden, true, dtype)?;
+        let fc2 = Linear::new(vb.pp("fc2"), hidden, dim, true, dtype)?;
+        let fused = PixelMlp::new(fc1.weight(), fc1.bias(), fc2.weight(), fc2.bias())?;
         Ok(Self { fc1, fc2, fused })
-    }
-
-    /// The MLP from candle ops: other devices and dtypes, and the fused kernel's reference.
-    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if use_cpu_kernel(x) {
-            // Two matmuls with 16-wide operands are mostly packing overhead and a 4x wider
-            // intermediate; per pixel the whole MLP fits in registers.
-            return x.contiguous()?.apply_op1_no_bwd(&self.fused);
+        if kernels::use_cpu_kernel(x) && self.fc1.dtype() == DType::F32 {
+            return self.fused.forward(x);
         }
-        self.forward_ops(x)
-    }
-}
-
-/// [`Mlp`] fused on the CPU, one pixel at a time: `W2 gelu_erf(W1 x + b1) + b2`, with the
-/// weights transposed (`w1_t (dim, hidden)`, `w2_t (hidden, dim)`) so each step is a
-/// vectorisable axpy over contiguous outputs.
-#[derive(Debug, Clone)]
-struct PixelMlp {
-    w1_t: Vec<f32>,
-    b1: Vec<f32>,
-    w2_t: Vec<f32>,
-    b2: Vec<f32>,
-}
-
-impl CustomOp1 for PixelMlp {
-    fn name(&self) -> &'static str {
-        "pid-pixel-mlp"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_slice::<f32>(storage, layout, self.name())?;
-        let (dim, hidden) = (self.b2.len(), self.b1.len());
-        if layout.dims().last() != Some(&dim) {
-            bail!("pixel MLP input {:?} is not {dim} wide", layout.dims())
-        }
-        const PIXELS: usize = 1024;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(PIXELS * dim)
-            .zip(x.par_chunks(PIXELS * dim))
-            .for_each(|(out, x)| {
-                let mut h = vec![0f32; hidden];
-                for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                    h.copy_from_slice(&self.b1);
-                    for (xc, w) in x.iter().zip(self.w1_t.chunks_exact(hidden)) {
-                        h.iter_mut().zip(w).for_each(|(h, w)| *h += xc * w);
-                    }
-                    h.iter_mut().for_each(|h| *h = gelu_erf(*h));
-                    o.copy_from_slice(&self.b2);
-                    for (g, w) in h.iter().zip(self.w2_t.chunks_exact(dim)) {
-                        o.iter_mut().zip(w).for_each(|(o, w)| *o += g * w);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
     }
 }
 
@@ -118,14 +56,10 @@ struct PixelAttention {
 
 impl PixelAttention {
     fn forward(&self, x: &Tensor, rope: &Rope, budget: AttentionBudget) -> Result<Tensor> {
-        let stream = QkvStream {
-            qkv: &self.qkv.forward(x)?,
-            q_norm: &self.q_norm,
-            k_norm: &self.k_norm,
-            rope: Some(rope),
-        };
-        let (q, k, v) = qkv_heads(&[stream], self.heads, 0)?;
-        self.proj.forward(&merge_heads(&sdpa(&q, &k, &v, budget)?)?)
+        let qkv = self.qkv.forward(x)?;
+        let streams = [stream(&qkv, &self.q_norm, &self.k_norm, Some(rope))];
+        let out = attention(&streams, self.heads, 0, self.qkv.dtype(), budget)?;
+        self.proj.forward(&merge_heads(&out)?)
     }
 }
 
@@ -152,10 +86,17 @@ impl PixelBlock {
         patch: usize,
         attn_dim: usize,
         heads: usize,
+        dtype: DType,
     ) -> Result<Self> {
         let p2 = patch * patch;
         let head_dim = attn_dim / heads;
-        let ada = Linear::new(vb.pp("adaLN_modulation.0"), cond_dim, 6 * dim * p2, true)?;
+        let ada = Linear::new(
+            vb.pp("adaLN_modulation.0"),
+            cond_dim,
+            6 * dim * p2,
+            true,
+            dtype,
+        )?;
         // Upstream views the output as (n, P*P, 6*dim) and chunks the last axis, so row
         // p*6*dim + k*dim + ch feeds modulation k at pixel p, channel ch (pid_spec §8.3).
         let modulation = (0..6)
@@ -166,27 +107,25 @@ impl PixelBlock {
                 let idx = Tensor::new(rows.as_slice(), ada.weight().device())?;
                 let w = ada.weight().index_select(&idx, 0)?;
                 let b = ada.bias().map(|b| b.index_select(&idx, 0)).transpose()?;
-                Ok(Linear::from_parts(w, b))
+                Ok(Linear::from_parts(w, b, dtype))
             })
             .collect::<Result<Vec<_>>>()?;
         let attn = vb.pp("attn");
-        let mh = 4 * dim;
+        let linear =
+            |vb: VarBuilder, i: usize, o: usize, bias: bool| Linear::new(vb, i, o, bias, dtype);
         Ok(Self {
-            compress_to_attn: Linear::new(vb.pp("compress_to_attn"), p2 * dim, attn_dim, true)?,
-            expand_from_attn: Linear::new(vb.pp("expand_from_attn"), attn_dim, p2 * dim, true)?,
+            compress_to_attn: linear(vb.pp("compress_to_attn"), p2 * dim, attn_dim, true)?,
+            expand_from_attn: linear(vb.pp("expand_from_attn"), attn_dim, p2 * dim, true)?,
             norm1: RmsNorm::new(vb.pp("norm1"), dim)?,
             norm2: RmsNorm::new(vb.pp("norm2"), dim)?,
             attn: PixelAttention {
-                qkv: Linear::new(attn.pp("qkv"), attn_dim, 3 * attn_dim, false)?,
+                qkv: linear(attn.pp("qkv"), attn_dim, 3 * attn_dim, false)?,
                 q_norm: RmsNorm::new(attn.pp("q_norm"), head_dim)?,
                 k_norm: RmsNorm::new(attn.pp("k_norm"), head_dim)?,
-                proj: Linear::new(attn.pp("proj"), attn_dim, attn_dim, true)?,
+                proj: linear(attn.pp("proj"), attn_dim, attn_dim, true)?,
                 heads,
             },
-            mlp: Mlp::new(
-                Linear::new(vb.pp("mlp.fc1"), dim, mh, true)?,
-                Linear::new(vb.pp("mlp.fc2"), mh, dim, true)?,
-            )?,
+            mlp: Mlp::new(vb.pp("mlp"), dim, 4 * dim, dtype)?,
             modulation,
             p2,
             dim,
@@ -249,25 +188,6 @@ impl PixelBlock {
     }
 }
 
-/// GELU with the exact erf, `x/2 (1 + erf(x/sqrt 2))`, branch-free so a loop over it vectorises
-/// (libm's erff is scalar and was most of the MLP's time). erf by Abramowitz & Stegun 7.1.26
-/// (|error| <= 1.5e-7, a few f32 ulps of 1) with the attention kernel's vectorisable exp.
-fn gelu_erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_72,
-        1.421_413_8,
-        -1.453_152,
-        1.061_405_4,
-    ];
-    let z = (x * FRAC_1_SQRT_2).abs().min(4.0);
-    let t = 1.0 / (1.0 + P * z);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let erf_abs = 1.0 - poly * exp_f32(-z * z);
-    0.5 * x * (1.0 + erf_abs.copysign(x))
-}
-
 /// `final_layer`: RMSNorm(16) -> Linear(16 -> 3) per pixel.
 #[derive(Debug, Clone)]
 pub struct FinalLayer {
@@ -276,10 +196,10 @@ pub struct FinalLayer {
 }
 
 impl FinalLayer {
-    pub fn new(vb: VarBuilder, dim: usize, out_channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, out_channels: usize, dtype: DType) -> Result<Self> {
         Ok(Self {
             norm: RmsNorm::new(vb.pp("norm"), dim)?,
-            linear: Linear::new(vb.pp("linear"), dim, out_channels, true)?,
+            linear: Linear::new(vb.pp("linear"), dim, out_channels, true, dtype)?,
         })
     }
 }
@@ -298,48 +218,4 @@ pub fn fold(o: &Tensor, batch: usize, h: usize, w: usize, patch: usize) -> Resul
         .permute((0, 5, 1, 3, 2, 4))?
         .contiguous()?
         .reshape((batch, c, h, w))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fused_pixel_mlp_equals_the_candle_ops() -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let linear = |i: usize, o: usize| -> Result<Linear> {
-            Ok(Linear::from_parts(
-                Tensor::randn(0f32, 0.5, (o, i), &dev)?,
-                Some(Tensor::randn(0f32, 0.5, o, &dev)?),
-            ))
-        };
-        let mlp = Mlp::new(linear(16, 64)?, linear(64, 16)?)?;
-        // Rows that do not fill the kernel's 1024-pixel tasks; large inputs reach erf's tails.
-        let x = (Tensor::randn(0f32, 1., (3, 700, 16), &dev)? * 3.0)?;
-        let reference = mlp.forward_ops(&x)?;
-        let max_abs = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
-        // Outputs reach ~50 here; the two summation orders differ by a few f32 ulps of that.
-        let err = max_abs(&(mlp.forward(&x)? - &reference)?)? / max_abs(&reference)?;
-        assert!(
-            err < 2e-6,
-            "max abs error {err} relative to the largest output"
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn gelu_erf_matches_the_libm_erf_form() {
-        let mut worst = 0f64;
-        for i in -120_000..=120_000 {
-            let x = i as f32 * 1e-4;
-            let exact = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
-            let err = (gelu_erf(x) as f64 - exact).abs() / (1.0 + exact.abs());
-            worst = worst.max(err);
-        }
-        assert!(worst < 3e-7, "gelu_erf relative error {worst:e}");
-    }
-
-    fn libm_erf(x: f64) -> f64 {
-        candle_core::cpu::erf::erf_f64(x)
-    }
 }

@@ -4,6 +4,8 @@
 //! Each table is computed with the same floating-point steps as the reference
 //! (`pixeldit_official.py:32-200`, `:1345-1357`) so parity holds to f32 rounding.
 
+use std::ops::Range;
+
 use candle_core::{Device, Result, Tensor};
 
 use crate::config::RopeMode;
@@ -26,14 +28,17 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
-/// cos/sin tables `(L, head_dim / 2)` for interleaved-pair RoPE over a `hs x ws` token grid.
+/// cos/sin tables `(rows x cols, head_dim / 2)` for interleaved-pair RoPE over the tokens
+/// `rows x cols` (a tile's, or all) of an `hs x ws` token grid.
 ///
 /// Pair 2k rotates by x_pos * w_k(theta_w), pair 2k+1 by y_pos * w_k(theta_h); positions
-/// are `linspace(0, 16, n)` and theta is NTK-scaled per axis against the reference grid.
+/// are `linspace(0, 16, n)` over the whole grid and theta is NTK-scaled per axis of the
+/// whole grid against the reference grid, so a tile's tokens rotate as in the whole image.
 pub fn image_rope(
     head_dim: usize,
-    hs: usize,
-    ws: usize,
+    (hs, ws): (usize, usize),
+    rows: Range<usize>,
+    cols: Range<usize>,
     ref_grid: (usize, usize),
     mode: RopeMode,
     device: &Device,
@@ -57,13 +62,13 @@ pub fn image_rope(
             .collect()
     };
     let (fw, fh) = (freqs(theta_w), freqs(theta_h));
-    let xs = linspace_f32(0.0, 16.0, ws);
-    let ys = linspace_f32(0.0, 16.0, hs);
+    let (xs, ys) = (linspace_f32(0.0, 16.0, ws), linspace_f32(0.0, 16.0, hs));
+    let (xs, ys) = (&xs[cols], &ys[rows]);
     let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(hs * ws * half);
-    let mut sin = Vec::with_capacity(hs * ws * half);
-    for y in &ys {
-        for x in &xs {
+    let mut cos = Vec::with_capacity(ys.len() * xs.len() * half);
+    let mut sin = Vec::with_capacity(ys.len() * xs.len() * half);
+    for y in ys {
+        for x in xs {
             for k in 0..nfreq {
                 for a in [x * fw[k], y * fh[k]] {
                     cos.push(a.cos());
@@ -72,7 +77,7 @@ pub fn image_rope(
             }
         }
     }
-    let shape = (hs * ws, half);
+    let shape = (ys.len() * xs.len(), half);
     Ok((
         Tensor::from_vec(cos, shape, device)?,
         Tensor::from_vec(sin, shape, device)?,
@@ -106,10 +111,16 @@ pub fn text_rope(
     ))
 }
 
-/// Absolute 2-D sin-cos embedding of every pixel, `(h, w, dim)`, computed in f64 like the reference.
+/// Absolute 2-D sin-cos embedding of the pixels `rows x cols` (a tile's, or the whole
+/// image's), `(rows, cols, dim)` f32, computed in f64 like the reference.
 ///
 /// For pixel (row r, col q): [sin(q w), cos(q w), sin(r w), cos(r w)] with w_k = 10000^(-k / (dim/4)).
-pub fn pixel_sincos(dim: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+pub fn pixel_sincos(
+    dim: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|k| 1.0 / 10_000f64.powf(k as f64 / quarter as f64))
@@ -120,8 +131,9 @@ pub fn pixel_sincos(dim: usize, h: usize, w: usize, device: &Device) -> Result<T
         v.extend(omega.iter().map(|o| (pos as f64 * o).cos() as f32));
         v
     };
-    let cols: Vec<Vec<f32>> = (0..w).map(axis).collect();
-    let rows: Vec<Vec<f32>> = (0..h).map(axis).collect();
+    let (h, w) = (rows.len(), cols.len());
+    let cols: Vec<Vec<f32>> = cols.map(axis).collect();
+    let rows: Vec<Vec<f32>> = rows.map(axis).collect();
     let mut data = Vec::with_capacity(h * w * dim);
     for row in &rows {
         for col in &cols {
@@ -151,5 +163,42 @@ mod tests {
         let axis = 32.0f64;
         let theta = 10_000.0 * 2f64.powf(axis / (axis - 2.0));
         assert_eq!(theta.round(), 20_946.0);
+    }
+
+    #[test]
+    fn a_window_of_the_tables_equals_the_whole_tables_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let (hs, ws) = (6, 9);
+        let whole = image_rope(
+            72,
+            (hs, ws),
+            0..hs,
+            0..ws,
+            (64, 64),
+            RopeMode::NtkAware,
+            &dev,
+        )?;
+        let (rows, cols) = (2..5, 3..9);
+        let tile = image_rope(
+            72,
+            (hs, ws),
+            rows.clone(),
+            cols.clone(),
+            (64, 64),
+            RopeMode::NtkAware,
+            &dev,
+        )?;
+        for (w, t) in [(&whole.0, &tile.0), (&whole.1, &tile.1)] {
+            let w = w.reshape((hs, ws, 36))?.narrow(0, 2, 3)?.narrow(1, 3, 6)?;
+            assert_eq!(
+                t.reshape((3, 6, 36))?.to_vec3::<f32>()?,
+                w.to_vec3::<f32>()?
+            );
+        }
+        let whole = pixel_sincos(16, 0..40, 0..70, &dev)?;
+        let tile = pixel_sincos(16, 8..40, 32..64, &dev)?;
+        let crop = whole.narrow(0, 8, 32)?.narrow(1, 32, 32)?;
+        assert_eq!(tile.to_vec3::<f32>()?, crop.to_vec3::<f32>()?);
+        Ok(())
     }
 }

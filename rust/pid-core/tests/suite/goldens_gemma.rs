@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use crate::common::{golden_files, max_abs_diff, Golden};
+use crate::common::{check_every_golden, golden_files, max_abs_diff, Golden};
 use candle_core::Device;
 use pid_core::caption::{select_tokens, CaptionCache, CaptionEncoder, GemmaWeights, TEXT_TOKENS};
 
@@ -13,36 +13,39 @@ const HIDDEN_TOL: f32 = 1e-4;
 
 #[test]
 fn golden_gemma_hidden_states_and_selection() {
-    for path in golden_files("gemma2") {
-        let golden = Golden::open(&path);
-        let model = GemmaWeights::open_embedded(&path)
+    check_every_golden("gemma2", |path| {
+        let golden = Golden::open(path);
+        let model = GemmaWeights::open_embedded(path)
             .and_then(|w| w.load(&Device::Cpu))
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            .map_err(|e| e.to_string())?;
         let (ids, mask) = (golden.get("in.input_ids"), golden.get("in.attention_mask"));
-        let name = path.display();
         // Softcap off is what the reference's default SDPA attention computes (pid_spec §5.7).
         let off = model.forward(&ids, &mask, false).unwrap();
         let on = model.forward(&ids, &mask, true).unwrap();
-        let err_off = max_abs_diff(&off, &golden.get("out.hidden_nosoftcap"));
-        let err_on = max_abs_diff(&on, &golden.get("out.hidden_softcap"));
         let selected = select_tokens(&off).unwrap();
-        let err_sel = max_abs_diff(&selected, &golden.get("out.caption_embs"));
-        eprintln!(
-            "{name}: hidden max abs error softcap off {err_off:.3e}, on {err_on:.3e}; selection {err_sel:.3e}"
-        );
-        assert!(
-            err_off <= HIDDEN_TOL,
-            "{name}: softcap-off hidden state max abs error {err_off:.3e} > {HIDDEN_TOL:e}"
-        );
-        assert!(
-            err_on <= HIDDEN_TOL,
-            "{name}: softcap-on hidden state max abs error {err_on:.3e} > {HIDDEN_TOL:e}"
-        );
-        assert!(
-            err_sel <= HIDDEN_TOL,
-            "{name}: caption_embs max abs error {err_sel:.3e} > {HIDDEN_TOL:e}"
-        );
-    }
+        let errors = [
+            (
+                "softcap-off hidden state",
+                max_abs_diff(&off, &golden.get("out.hidden_nosoftcap")),
+            ),
+            (
+                "softcap-on hidden state",
+                max_abs_diff(&on, &golden.get("out.hidden_softcap")),
+            ),
+            (
+                "caption_embs",
+                max_abs_diff(&selected, &golden.get("out.caption_embs")),
+            ),
+        ];
+        let report: Vec<String> = errors
+            .iter()
+            .map(|(what, e)| format!("{what} {e:.3e}"))
+            .collect();
+        match errors.iter().find(|(_, e)| *e > HIDDEN_TOL) {
+            Some((what, e)) => Err(format!("{what} max abs error {e:.3e} > {HIDDEN_TOL:e}")),
+            None => Ok(report.join(", ")),
+        }
+    });
 }
 
 /// The tiny Gemma-style tokenizer of `pid_native.testing.tokenizer`, written by its script.

@@ -1,7 +1,7 @@
 //! Golden parity of the SDXL VAE against diffusers' `AutoencoderKL`, over every
 //! `kind = sdxl_vae` file in `PID_GOLDENS` (tolerance: tests/goldens/README.md).
 
-use crate::common::{golden_files, max_abs_diff, Golden};
+use crate::common::{check_every_golden, golden_files, max_abs_diff, Golden};
 use candle_core::Device;
 use pid_core::vae::Vae;
 
@@ -9,24 +9,20 @@ const VAE_TOL: f32 = 1e-4;
 
 #[test]
 fn golden_vae_encode_mean_and_decode() {
-    for path in golden_files("sdxl_vae") {
-        let golden = Golden::open(&path);
-        let name = path.display();
-        let vae = Vae::open(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    check_every_golden("sdxl_vae", |path| {
+        let golden = Golden::open(path);
+        let vae = Vae::open(path, &Device::Cpu).map_err(|e| e.to_string())?;
         let mean = vae.encode_mean(&golden.get("in.image")).unwrap();
         let err_enc = max_abs_diff(&mean, &golden.get("out.latent_mean_raw"));
         let image = vae.decode_raw(&golden.get("in.latent_raw")).unwrap();
         let err_dec = max_abs_diff(&image, &golden.get("out.decoded"));
-        eprintln!("{name}: posterior mean max abs error {err_enc:.3e}, decode {err_dec:.3e}");
-        assert!(
-            err_enc <= VAE_TOL,
-            "{name}: posterior mean max abs error {err_enc:.3e} > {VAE_TOL:e}"
-        );
-        assert!(
-            err_dec <= VAE_TOL,
-            "{name}: decode max abs error {err_dec:.3e} > {VAE_TOL:e}"
-        );
-    }
+        let report = format!("posterior mean max abs error {err_enc:.3e}, decode {err_dec:.3e}");
+        if err_enc <= VAE_TOL && err_dec <= VAE_TOL {
+            Ok(report)
+        } else {
+            Err(format!("{report} (tolerance {VAE_TOL:e})"))
+        }
+    });
 }
 
 #[test]

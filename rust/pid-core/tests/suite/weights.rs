@@ -47,7 +47,7 @@ fn code(r: Result<NetConfig, Error>) -> String {
 #[test]
 fn the_mini_preset_is_the_mini_golden_topology() {
     let meta = pid_core::weights::read_metadata(
-        crate::common::goldens_dir().join("pidnet_sdxl_mini.safetensors"),
+        crate::common::bundled_goldens_dir().join("pidnet_sdxl_mini.safetensors"),
     )
     .unwrap();
     assert_eq!(

@@ -104,18 +104,6 @@ class PidNet(nn.Module):
     def config(self) -> NetConfig:
         return self._cfg
 
-    def with_attention_budget(self, budget: AttentionBudget) -> PidNet:
-        self._budget = budget
-        return self
-
-    def _grid(self, h: int, w: int) -> tuple[int, int]:
-        p = self._cfg.patch_size
-        if h <= 0 or w <= 0 or h % p or w % p:
-            raise InvalidInputError(
-                f"output size {h}x{w} must be a positive multiple of the patch size {p}", "size"
-            )
-        return h // p, w // p
-
     def condition(
         self, y: mx.array, z: mx.array, sigma: mx.array, size: tuple[int, int], trace: Trace | None = None
     ) -> Conditioning:
@@ -123,26 +111,50 @@ class PidNet(nn.Module):
 
         ``y (B, Nt, txt_dim)``, ``z (B, C, zh, zw)``, ``sigma (B,)``.
         """
+        return self.condition_window(y, z, sigma, size, (0, 0, *size), trace)
+
+    def condition_window(
+        self,
+        y: mx.array,
+        z: mx.array,
+        sigma: mx.array,
+        size: tuple[int, int],
+        window: tuple[int, int, int, int],
+        trace: Trace | None = None,
+    ) -> Conditioning:
+        """:meth:`condition` for the tile ``window = (y, x, h, w)`` of an output of ``size``:
+        pixel positions and RoPE are the whole image's for the tile's pixels, the LQ features come
+        from the tile's latent with a halo (see :meth:`LqProj.window_features`)."""
         trace = trace or Trace()
         cfg = self._cfg
+        p = cfg.patch_size
         h, w = size
-        hs, ws = self._grid(h, w)
+        ty, tx, th, tw = window
+        inside = ty + th <= h and tx + tw <= w
+        if 0 in (h, w, th, tw) or not inside or any(v % p for v in (h, w, *window)):
+            raise InvalidInputError(
+                f"output size {h}x{w} must be a positive multiple of the patch size {p}, and the window "
+                f"{window} a block of patches inside it",
+                "size",
+            )
         nt = min(y.shape[1], cfg.txt_max_length)
         y_emb = self.y_embedder(y[:, :nt].astype(mx.float32))
         trace.record("y_embedder", y_emb)
-        lq = self.lq_proj.features(z.astype(mx.float32), hs, ws)
+        lq = self.lq_proj.window_features(z.astype(mx.float32), size, window, cfg.pixels_per_latent, p)
         for j, f in enumerate(lq.heads):
             trace.record(f"lq_head_{j}", f)
-        ref_grid = (cfg.rope_ref_h // cfg.patch_size, cfg.rope_ref_w // cfg.patch_size)
+        grid = (h // p, w // p)
+        rows, cols = range(ty // p, (ty + th) // p), range(tx // p, (tx + tw) // p)
+        ref_grid = (cfg.rope_ref_h // p, cfg.rope_ref_w // p)
         cond = Conditioning(
             y=y_emb + self.y_pos_embedding[:, :nt].astype(mx.float32),
             lq=lq,
             sigma=sigma.astype(mx.float32),
-            rope_patch=image_rope(cfg.head_dim, hs, ws, ref_grid, cfg.rope_mode),
-            rope_pixel=image_rope(cfg.pixel_head_dim, hs, ws, ref_grid, cfg.rope_mode),
+            rope_patch=image_rope(cfg.head_dim, grid, rows, cols, ref_grid, cfg.rope_mode),
+            rope_pixel=image_rope(cfg.pixel_head_dim, grid, rows, cols, ref_grid, cfg.rope_mode),
             rope_text=text_rope(cfg.head_dim, nt, cfg.text_rope_theta) if cfg.use_text_rope else None,
-            pixel_pos=self.pixel_embedder.position_table(h, w),
-            size=size,
+            pixel_pos=self.pixel_embedder.position_table(range(ty, ty + th), range(tx, tx + tw)),
+            size=(th, tw),
         )
         mx.eval(cond.arrays())
         return cond
@@ -193,8 +205,7 @@ class PidNet(nn.Module):
             mx.eval(px)
         out = self.final_layer(px)
         trace.record("final_layer", out)
-        # v leaves the final Linear in the matmul dtype (bf16 under autocast); f32 is exact.
-        return fold(out, b, h, w, self._cfg.patch_size).astype(mx.float32)
+        return fold(out, b, h, w, self._cfg.patch_size)
 
     def __call__(
         self, x: mx.array, t: mx.array, y: mx.array, z: mx.array, sigma: mx.array, trace: Trace | None = None

@@ -53,8 +53,21 @@ def padded_head_dim(d: int) -> int:
     return next((f for f in FUSED_HEAD_DIMS if f >= d), d)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, budget: AttentionBudget = AttentionBudget()) -> mx.array:
-    """softmax(q k^T / sqrt(d)) v for ``q (B, H, Lq, d)`` and ``k, v (B, H, Lk, d)``; ``(B, H, Lq, d)``."""
+def attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    budget: AttentionBudget = AttentionBudget(),
+    dtype: mx.Dtype | None = None,
+) -> mx.array:
+    """softmax(q k^T / sqrt(d)) v for ``q (B, H, Lq, d)`` and ``k, v (B, H, Lk, d)``; ``(B, H, Lq, d)``.
+
+    With ``dtype`` (bfloat16) q, k and v are rounded to it and so is the result, the scores and
+    softmax staying float32 and the probabilities rounded for the value product, as flash
+    attention (and the core's) computes; the fused Metal kernel does the same.
+    """
+    if dtype is not None:
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = 1.0 / math.sqrt(d)
@@ -66,12 +79,21 @@ def attention(q: mx.array, k: mx.array, v: mx.array, budget: AttentionBudget = A
     fused = _on_metal() and dp in FUSED_HEAD_DIMS
     per_row = 4 * b * h * lk * dp if fused else 2 * b * h * lk * 4
     rows = max(1, (budget.fused_flops if fused else budget.score_bytes) // per_row)
+
+    def block(qc: mx.array) -> mx.array:
+        if fused or q.dtype == mx.float32:
+            return mx.fast.scaled_dot_product_attention(qc, k, v, scale=scale)
+        # The unfused path would round the scores to q's dtype: keep them f32.
+        scores = (qc.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+        probs = mx.softmax(scores, axis=-1).astype(v.dtype).astype(mx.float32)
+        return (probs @ v.astype(mx.float32)).astype(v.dtype)
+
     if rows >= lq:
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = block(q)
     else:
         outs = []
         for start in range(0, lq, rows):
-            o = mx.fast.scaled_dot_product_attention(q[:, :, start : start + rows], k, v, scale=scale)
+            o = block(q[:, :, start : start + rows])
             mx.eval(o)
             outs.append(o)
         out = mx.concatenate(outs, axis=2)

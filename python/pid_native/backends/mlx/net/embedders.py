@@ -74,9 +74,9 @@ class PixelEmbedder(nn.Module):
         self.proj = Linear(in_channels, dim)
         self._dim = dim
 
-    def position_table(self, h: int, w: int) -> mx.array:
-        """The position table for an ``h x w`` image, ``(h, w, dim)``; cache it across steps."""
-        return pixel_sincos(self._dim, h, w)
+    def position_table(self, rows: range, cols: range) -> mx.array:
+        """The position table of the pixels ``rows x cols``, ``(rows, cols, dim)``; cache it across steps."""
+        return pixel_sincos(self._dim, rows, cols)
 
     def __call__(self, x: mx.array, pos: mx.array, patch: int) -> mx.array:
         """``x (B, C, H, W)`` -> pixel tokens ``(B * L, P*P, dim)`` grouped by patch (index ky*P + kx)."""

@@ -1,9 +1,10 @@
 """Small building blocks shared by every PiD module (pid_spec §3.1; mirrors ``net/layers.rs``).
 
 Parameters stay in the checkpoint's storage dtype (bf16 halves resident memory) and are
-cast at use. ``matmul_dtype`` selects the arithmetic of the matmuls and convolutions:
-float32 for parity, or bfloat16 to run them the way the reference's CUDA autocast does
-(bf16 operands, f32 accumulation) while norms and residual streams stay float32.
+cast at use. Activations are float32. ``matmul_dtype`` sets the precision of the matmuls and
+convolutions: None (float32) for parity, or bfloat16 to round their operands as the
+reference's CUDA autocast does (bf16 operands, f32 accumulation); the product stays float32
+(see ``kernels::linear`` in the core).
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ class Linear(nn.Module):
         return self.forward_rows(x, 0, self.weight.shape[0])
 
     def forward_rows(self, x: mx.array, start: int, stop: int) -> mx.array:
-        """Only output features ``start:stop`` (a slice of the weight's rows)."""
-        dt = self.matmul_dtype or x.dtype
-        w = self.weight[start:stop].astype(dt)
-        x = x.astype(dt)
+        """Only output features ``start:stop`` (a slice of the weight's rows); float32."""
+        w = rounded(self.weight[start:stop], self.matmul_dtype)
+        x = rounded(x, self.matmul_dtype)
         if _reference_blas():
             # MLX's Linux CPU wheel links the reference (netlib) BLAS, whose row-major
             # x @ W^T is ~2x slower than W @ x^T on a contiguous copy; same products and sums.
@@ -45,8 +45,13 @@ class Linear(nn.Module):
         else:
             y = x @ w.T
         if "bias" in self:
-            y = y + self.bias[start:stop].astype(dt)
+            y = y + self.bias[start:stop].astype(mx.float32)
         return y
+
+
+def rounded(a: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    """``a`` as float32, rounded to ``dtype`` first when one is given (a matmul operand)."""
+    return (a.astype(dtype) if dtype is not None else a).astype(mx.float32)
 
 
 class RmsNorm(nn.Module):
@@ -59,7 +64,7 @@ class RmsNorm(nn.Module):
         self.weight = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.EPS)
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.EPS)
 
 
 class Conv2d(nn.Module):
@@ -80,13 +85,13 @@ class Conv2d(nn.Module):
         self._replicate = padding_mode == "replicate"
 
     def __call__(self, x: mx.array) -> mx.array:
-        dt = self.matmul_dtype or x.dtype
-        x = x.astype(dt)
+        x = rounded(x, self.matmul_dtype)
         p = self._padding
         if self._replicate and p:
             x = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)], mode="edge")
             p = 0
-        return mx.conv2d(x, self.weight.astype(dt), stride=self._stride, padding=p) + self.bias.astype(dt)
+        w = rounded(self.weight, self.matmul_dtype)
+        return mx.conv2d(x, w, stride=self._stride, padding=p) + self.bias.astype(mx.float32)
 
 
 class GroupNorm(nn.Module):
@@ -109,7 +114,7 @@ class GroupNorm(nn.Module):
 
 
 def set_matmul_dtype(module: nn.Module, dtype: mx.Dtype | None) -> None:
-    """Set the matmul/conv arithmetic of every layer below ``module`` (None: the input's dtype)."""
+    """Set the matmul/conv operand precision of every layer below ``module`` (None: float32)."""
     for _, m in module.named_modules():
         if hasattr(m, "matmul_dtype"):
             m.matmul_dtype = dtype

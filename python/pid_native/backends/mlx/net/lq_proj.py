@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .... import _native
 from ....errors import InvalidInputError
 from ..config import GATE_PER_DIM, NetConfig
 from .layers import Conv2d, GroupNorm, Linear
@@ -67,6 +68,18 @@ class LqFeatures:
     heads: list[mx.array]  # each (B, L, D)
     pit: mx.array | None
 
+    def window(self, grid: tuple[int, int], rows: range, cols: range) -> LqFeatures:
+        """The features of the ``rows x cols`` window of their ``(hs, ws)`` patch grid."""
+        if (len(rows), len(cols)) == grid:
+            return self
+
+        def crop(f: mx.array) -> mx.array:
+            b, _, d = f.shape
+            grid_f = f.reshape(b, *grid, d)[:, rows.start : rows.stop, cols.start : cols.stop]
+            return grid_f.reshape(b, len(rows) * len(cols), d)
+
+        return LqFeatures([crop(f) for f in self.heads], crop(self.pit) if self.pit is not None else None)
+
 
 def nearest_indices(n_in: int, n_out: int) -> mx.array:
     """PyTorch ``nearest`` source indices: floor(dst * (in / out)) with the scale in f32."""
@@ -99,6 +112,34 @@ class LqProj(nn.Module):
         """Gate index applied before patch block ``i``, if any (every ``interval``-th block)."""
         j = i // self._interval
         return j if i % self._interval == 0 and j < len(self.gate_modules) else None
+
+    def window_features(
+        self, z: mx.array, size: tuple[int, int], window: tuple[int, int, int, int], f: int, p: int
+    ) -> LqFeatures:
+        """The features of the window ``(y, x, h, w)`` (output pixels) of an output of ``size``
+        whose latent is ``z (B, C, zh, zw)``, ``f`` output pixels per latent pixel and ``p`` per patch.
+
+        The whole image takes any latent (nearest-resized to the patch grid, as upstream); a tile
+        needs the image's own latent and is computed on the tile's latent and a halo as wide as the
+        trunk's receptive field, so that only the GroupNorm statistics tell it from the whole image.
+        """
+        h, w = size
+        if window == (0, 0, h, w):
+            return self.features(z, h // p, w // p)
+        zh, zw = z.shape[2:]
+        if (zh * f, zw * f) != (h, w):
+            raise InvalidInputError(
+                f"a tile of a {w}x{h} output needs its {w // f}x{h // f} latent, got {zw}x{zh}",
+                "latent_shape",
+            )
+        cells = f // p  # patch cells per latent pixel
+        # Each 3x3 convolution of the trunk reaches one patch cell further.
+        reach = 2 + 2 * (len(self.latent_proj) - 3)
+        (cy, cx, ch, cw), (oy, ox) = _native.latent_crop(window, f, -(-reach // cells), (zh, zw))
+        grid = (ch * cells, cw * cells)
+        r0, c0 = oy * cells, ox * cells
+        features = self.features(z[:, :, cy : cy + ch, cx : cx + cw], *grid)
+        return features.window(grid, range(r0, r0 + window[2] // p), range(c0, c0 + window[3] // p))
 
     def features(self, z: mx.array, hs: int, ws: int) -> LqFeatures:
         """``z (B, C, h, w)`` -> features on the ``hs x ws`` patch grid."""

@@ -76,10 +76,11 @@ class JointAttention(nn.Module):
         qy, ky, vy = self._qkv(y, self.qkv_y, self.q_norm_y, self.k_norm_y, rope_txt)
         k = mx.concatenate([ky, kx], axis=2)
         v = mx.concatenate([vy, vx], axis=2)
+        dtype = self.qkv_x.matmul_dtype
         if not text_out:
-            return self.proj_x(merge_heads(attention(qx, k, v, budget))), None
+            return self.proj_x(merge_heads(attention(qx, k, v, budget, dtype))), None
         nt = y.shape[1]
-        out = attention(mx.concatenate([qy, qx], axis=2), k, v, budget)
+        out = attention(mx.concatenate([qy, qx], axis=2), k, v, budget, dtype)
         return self.proj_x(merge_heads(out[:, :, nt:])), self.proj_y(merge_heads(out[:, :, :nt]))
 
 

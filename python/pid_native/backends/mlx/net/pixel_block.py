@@ -51,7 +51,7 @@ class PixelAttention(nn.Module):
         q = apply_rope(self.q_norm(split_heads(q, self._heads)), *rope)
         k = apply_rope(self.k_norm(split_heads(k, self._heads)), *rope)
         v = split_heads(v, self._heads)
-        return self.proj(merge_heads(attention(q, k, v, budget)))
+        return self.proj(merge_heads(attention(q, k, v, budget, self.qkv.matmul_dtype)))
 
 
 class PixelBlock(nn.Module):

@@ -44,13 +44,16 @@ def _tables(angles: np.ndarray) -> tuple[mx.array, mx.array]:
 
 
 def image_rope(
-    head_dim: int, hs: int, ws: int, ref_grid: tuple[int, int], mode: str
+    head_dim: int, grid: tuple[int, int], rows: range, cols: range, ref_grid: tuple[int, int], mode: str
 ) -> tuple[mx.array, mx.array]:
-    """cos/sin tables ``(hs*ws, head_dim/2)`` for interleaved-pair RoPE over a patch grid.
+    """cos/sin tables ``(len(rows) * len(cols), head_dim/2)`` for interleaved-pair RoPE over the
+    tokens ``rows x cols`` (a tile's, or all) of an ``hs x ws`` token grid.
 
-    Pair 2k rotates by x_pos * w_k(theta_w), pair 2k+1 by y_pos * w_k(theta_h); positions
-    are ``linspace(0, 16, n)`` and theta is NTK-scaled per axis against the reference grid.
+    Pair 2k rotates by x_pos * w_k(theta_w), pair 2k+1 by y_pos * w_k(theta_h); positions are
+    ``linspace(0, 16, n)`` over the whole grid and theta is NTK-scaled per axis of the whole
+    grid against the reference grid, so a tile's tokens rotate as in the whole image.
     """
+    hs, ws = grid
     axis_dim = head_dim / 2
 
     def ntk(n: int, reference: int) -> float:
@@ -63,11 +66,12 @@ def image_rope(
     exps = (4 * np.arange(head_dim // 4)).astype(f32) / f32(head_dim)
     fw = f32(1.0) / pow_f32(theta_w, exps)
     fh = f32(1.0) / pow_f32(theta_h, exps)
-    xs = linspace_f32(0.0, 16.0, ws)
-    ys = linspace_f32(0.0, 16.0, hs)
-    ax = np.broadcast_to((xs[:, None] * fw)[None], (hs, ws, head_dim // 4))  # (hs, ws, d/4)
-    ay = np.broadcast_to((ys[:, None] * fh)[:, None], (hs, ws, head_dim // 4))
-    angles = np.stack([ax, ay], axis=-1).reshape(hs * ws, head_dim // 2)  # x first, then y
+    xs = linspace_f32(0.0, 16.0, ws)[cols.start : cols.stop]
+    ys = linspace_f32(0.0, 16.0, hs)[rows.start : rows.stop]
+    rh, rw = len(ys), len(xs)
+    ax = np.broadcast_to((xs[:, None] * fw)[None], (rh, rw, head_dim // 4))  # (rows, cols, d/4)
+    ay = np.broadcast_to((ys[:, None] * fh)[:, None], (rh, rw, head_dim // 4))
+    angles = np.stack([ax, ay], axis=-1).reshape(rh * rw, head_dim // 2)  # x first, then y
     return _tables(angles)
 
 
@@ -78,23 +82,25 @@ def text_rope(head_dim: int, length: int, theta: float) -> tuple[mx.array, mx.ar
     return _tables(np.arange(length).astype(f32)[:, None] * freqs)
 
 
-def pixel_sincos(dim: int, h: int, w: int) -> mx.array:
-    """Absolute 2-D sin-cos embedding of every pixel, ``(h, w, dim)``, computed in f64 like the reference.
+def pixel_sincos(dim: int, rows: range, cols: range) -> mx.array:
+    """Absolute 2-D sin-cos embedding of the pixels ``rows x cols`` (a tile's, or the whole
+    image's), ``(len(rows), len(cols), dim)``, computed in f64 like the reference.
 
     For pixel (row r, col q): [sin(q w), cos(q w), sin(r w), cos(r w)] with w_k = 10000^(-k / (dim/4)).
     """
     quarter = dim // 4
     omega = 1.0 / np.power(10_000.0, np.arange(quarter, dtype=np.float64) / quarter)
 
-    def axis(n: int) -> np.ndarray:
-        a = np.arange(n, dtype=np.float64)[:, None] * omega
+    def axis(positions: range) -> np.ndarray:
+        a = np.arange(positions.start, positions.stop, dtype=np.float64)[:, None] * omega
         return np.concatenate([np.sin(a), np.cos(a)], axis=1).astype(f32)  # (n, dim/2)
 
-    cols, rows = axis(w), axis(h)
+    h, w = len(rows), len(cols)
+    col_table, row_table = axis(cols), axis(rows)
     table = np.concatenate(
         [
-            np.broadcast_to(cols[None], (h, w, 2 * quarter)),
-            np.broadcast_to(rows[:, None], (h, w, 2 * quarter)),
+            np.broadcast_to(col_table[None], (h, w, 2 * quarter)),
+            np.broadcast_to(row_table[:, None], (h, w, 2 * quarter)),
         ],
         axis=-1,
     )

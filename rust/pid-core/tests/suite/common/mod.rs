@@ -17,34 +17,83 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-/// `PID_GOLDENS`, else the copy in the repository's `tests/goldens`.
-pub fn goldens_dir() -> PathBuf {
-    std::env::var_os("PID_GOLDENS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("tests/goldens"))
+/// The golden fixtures bundled with the repository.
+pub fn bundled_goldens_dir() -> PathBuf {
+    workspace_root().join("tests/goldens")
 }
 
-/// Every golden file of `kind`, sorted. Panics when there are none: a parity suite that
+/// The bundled goldens, then every directory of `PID_GOLDENS` (separated like `PATH`): a
+/// directory there adds its files, of any kinds, to the bundled ones.
+pub fn golden_dirs() -> Vec<PathBuf> {
+    let extra = std::env::var_os("PID_GOLDENS").unwrap_or_default();
+    std::iter::once(bundled_goldens_dir())
+        .chain(std::env::split_paths(&extra).filter(|d| !d.as_os_str().is_empty()))
+        .collect()
+}
+
+/// Every golden file of `kind` in every directory of [`golden_dirs`], a file whose bytes
+/// another already has counted once. Panics when there are none: a parity suite that
 /// silently checks nothing is worse than a failing one.
 pub fn golden_files(kind: &str) -> Vec<PathBuf> {
-    let dir = goldens_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read goldens directory {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .filter(|p| {
-            read_metadata(p)
-                .map(|m| m.get("kind").map(String::as_str) == Some(kind))
-                .unwrap_or(false)
-        })
-        .collect();
-    files.sort();
+    let mut seen = std::collections::HashSet::new();
+    let mut files = Vec::new();
+    for dir in golden_dirs() {
+        let mut here: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot read goldens directory {}: {e}", dir.display()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .filter(|p| {
+                read_metadata(p)
+                    .map(|m| m.get("kind").map(String::as_str) == Some(kind))
+                    .unwrap_or(false)
+            })
+            .collect();
+        here.sort();
+        for path in here {
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&bytes, &mut hasher);
+            if seen.insert(std::hash::Hasher::finish(&hasher)) {
+                files.push(path);
+            }
+        }
+    }
     assert!(
         !files.is_empty(),
-        "no golden files of kind {kind} in {}",
-        dir.display()
+        "no golden files of kind {kind} in {:?}",
+        golden_dirs()
     );
     files
+}
+
+/// Run `check` on every golden file of `kind` and report each file's result; panics after
+/// the last file when any failed (a panic inside `check` fails that file only).
+pub fn check_every_golden(kind: &str, check: impl Fn(&Path) -> Result<String, String>) {
+    let mut failed = Vec::new();
+    for path in golden_files(kind) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&path)))
+            .unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(format!("panicked: {msg}"))
+            });
+        match outcome {
+            Ok(report) => eprintln!("ok     {}: {report}", path.display()),
+            Err(why) => {
+                eprintln!("FAILED {}: {why}", path.display());
+                failed.push(format!("{}: {why}", path.display()));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} {kind} golden file(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
 pub struct Golden {
@@ -94,24 +143,35 @@ impl Golden {
     }
 }
 
-/// Largest |x| over all elements, in f32.
+/// Largest |x| over all elements, in f32; infinite when any element is NaN or infinite, so
+/// that every bound on it fails (candle's `max` skips NaN).
 pub fn max_abs(t: &Tensor) -> f32 {
     t.to_dtype(candle_core::DType::F32)
         .unwrap()
-        .abs()
-        .unwrap()
         .flatten_all()
         .unwrap()
-        .max(0)
+        .to_vec1::<f32>()
         .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+        .iter()
+        .map(|x| {
+            if x.is_finite() {
+                x.abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
 }
 
+/// Largest |a - b|, infinite when either holds a non-finite value (see [`max_abs`]).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
-    max_abs(&(f32(a) - f32(b)).unwrap())
+    let (fa, fb) = (f32(a), f32(b));
+    if !max_abs(&fa).is_finite() || !max_abs(&fb).is_finite() {
+        return f32::INFINITY;
+    }
+    max_abs(&(fa - fb).unwrap())
 }
 
 /// FNV-1a over "name" + "d0,d1,...;" per tensor: the cache key the Python side uses too.

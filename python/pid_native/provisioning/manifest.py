@@ -12,7 +12,7 @@ commit that was actually fetched, so a provisioned bundle is reproducible either
 
 Only repositories confirmed by the prior-art survey are listed: ``SceneWorks/pid-sdxl``
 and ``SceneWorks/pid-qwenimage``. Other latent spaces are provisioned from local files
-(:func:`pid_native.provision.build_bundle`).
+(:func:`pid_native.provisioning.build_bundle`).
 
 ``PID_NATIVE_MANIFEST`` may name another manifest file of the same format (a mirror with
 its own repositories or pins).
@@ -53,7 +53,7 @@ class Source(BaseModel):
     Attributes:
         revision: branch, tag or 40-hex commit (a commit pins the source).
         gated: the repository requires an access token after accepting its licence on the Hub.
-        licence: id of the weights' licence (see :func:`pid_native.provision.licences`).
+        licence: id of the weights' licence (see :func:`pid_native.provisioning.licences`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -242,7 +242,7 @@ class Manifest(BaseModel):
             raise InvalidInputError(
                 f"no Hub repository is known for {canonical} PiD weights (the manifest has "
                 f"{', '.join(sorted(self.spaces))}); pass a local checkpoint, or build a bundle from local "
-                "files with pid_native.provision.build_bundle",
+                "files with pid_native.provisioning.build_bundle",
                 "no_hub_weights",
             )
         else:

@@ -1,6 +1,6 @@
 """Download progress: structured events for hosts, tqdm bars for the command line.
 
-A host passes ``progress=callback`` to :func:`pid_native.provision.provision` and receives
+A host passes ``progress=callback`` to :func:`pid_native.provision` and receives
 :class:`FetchEvent` objects in order: ``repair`` if an existing bundle failed verification,
 one ``plan``, then per file ``cached``, or ``start``, ``bytes``... and ``verified`` (with
 ``refetch`` when a download fails its check and is fetched again), and finally

@@ -42,9 +42,7 @@ BUNDLE_ENV = "PID_NATIVE_BUNDLE"  # the bundle the command line uses when none i
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 GEMMA_FILES = ("config.json", "tokenizer.json")
 
-_FETCH_HINT = (
-    "run `pid-native fetch --accept-license` (Python: pid_native.provision.provision(accept_license=True))"
-)
+_FETCH_HINT = "run `pid-native fetch --accept-license` (Python: pid_native.provision(accept_license=True))"
 
 
 class BundleFile(BaseModel):
@@ -165,6 +163,11 @@ def default_bundle_dir(space: str = "sdxl") -> Path:
     return pid_native_home() / "bundles" / latent_space(space).name
 
 
+def default_bundle() -> Path:
+    """The bundle opened when none is named: ``$PID_NATIVE_BUNDLE``, else the provisioned SDXL one."""
+    return Path(os.environ.get(BUNDLE_ENV) or default_bundle_dir("sdxl"))
+
+
 def partial_dir(root: Path) -> Path:
     """The staging directory an install of ``root`` writes before renaming it into place."""
     return root.with_name(f".{root.name}.partial")
@@ -232,7 +235,7 @@ def read_lock(root: Path) -> Lock | None:
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Open a bundle directory: check that every file a decoder needs is there.
 
-    Cheap: file sizes and checksums are not read (that is :func:`pid_native.provision.verify`).
+    Cheap: file sizes and checksums are not read (that is :func:`pid_native.provisioning.verify`).
 
     Raises:
         MissingFileError: listing everything that is missing and how to provision it
@@ -294,6 +297,7 @@ __all__ = [
     "Lock",
     "LockedComponent",
     "LockedFile",
+    "default_bundle",
     "default_bundle_dir",
     "inspect_bundle",
     "load_bundle",

@@ -1,7 +1,7 @@
 """Provisioning: fetch, verify and assemble the weights a decoder needs into one bundle.
 
 A bundle holds the PiD checkpoint of a latent space, the Gemma-2-2b-it caption encoder and,
-optionally, the SDXL VAE (see :mod:`pid_native.provision.bundle` for the layout). It comes
+optionally, the SDXL VAE (see :mod:`pid_native.provisioning.bundle` for the layout). It comes
 from the Hugging Face Hub (:func:`provision`, ``pid-native fetch``) or from weights already
 on disk (:func:`build_bundle`), and is checked against its lock file by :func:`verify`
 (``pid-native verify``). The Decoder opens it with :func:`load_bundle`.

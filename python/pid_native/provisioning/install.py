@@ -92,7 +92,7 @@ class FetchPlan(BaseModel):
         space: the canonical latent space.
         bundle: where the bundle would go.
         files: every file of the bundle, and whether it must be downloaded.
-        licences: ids of the weights' licences (see :func:`pid_native.provision.licences`).
+        licences: ids of the weights' licences (see :func:`pid_native.provisioning.licences`).
         gated: repositories that need an access token.
     """
 
@@ -149,7 +149,7 @@ def provision(
         cache_dir: Hub cache directory (default: huggingface_hub's, ``$HF_HOME/hub``).
         token: Hugging Face token for gated repositories (default: ``HF_TOKEN`` or the stored
             login; ``False`` sends none).
-        progress: receives :class:`~pid_native.provision.progress.FetchEvent` objects.
+        progress: receives :class:`~pid_native.provisioning.FetchEvent` objects.
         offline: use only the Hub cache, no network (default: ``HF_HUB_OFFLINE``).
         include_vae: also fetch the SDXL VAE (needed only to upscale images).
         gemma_repo: another Gemma-2-2b-it repository (``org/name[@revision]``, e.g. the gated
