@@ -305,7 +305,7 @@ def test_one_early_stop_serves_several_runs(pipe: Any) -> None:
 
 def test_bad_inputs_raise_clear_errors(pipe: Any, decoder: Decoder) -> None:
     sd3_like = torch.randn(1, 16, 4, 4)  # SD3 and Flux pipelines' latents have 16 channels
-    with pytest.raises(InvalidInputError, match="16 channels but this checkpoint expects 4") as err:
+    with pytest.raises(InvalidInputError, match="16 channels, but this decoder .* takes sdxl latents") as err:
         pid.decode(sd3_like, PROMPT, decoder=decoder)
     assert err.value.code == "latent_channels"
 

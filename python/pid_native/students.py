@@ -71,10 +71,11 @@ class Student(BaseModel):
         """Input channels of the adapter's first conv (what the tensors show)."""
         return self.latent.channels // (self.unpatchify * self.unpatchify)
 
-    def config(self) -> str:
-        """The student's network configuration (JSON, upstream names)."""
+    def config(self, shrunk: bool = False) -> str:
+        """The student's network configuration (JSON, upstream names); ``shrunk``: its mini
+        version, the backbone of the mini goldens (test mirrors and synthetic bundles)."""
         s = self.latent
-        return _native.released_config(s.channels, s.down_factor, self.unpatchify, self.v15)
+        return _native.released_config(s.channels, s.down_factor, self.unpatchify, self.v15, shrunk)
 
     def describe(self) -> str:
         return f"{self.name} ({'v1.5' if self.v15 else 'v1'}, {self.space} latents)"
@@ -135,11 +136,16 @@ _OUT_OF_REACH_CHANNELS = {768: REFUSED_SPACES["dinov2"], 1152: REFUSED_SPACES["s
 _CONVERTED_NAME = re.compile(r"pid_(?P<space>[a-z0-9]+)_(?P<variant>2k|2kto4k|2kto4k_v1pt5)")
 
 
+_DEPRECATED = {k.lower(): v for k, v in DEPRECATED.items()}
+_OUT_OF_REACH = {k.lower(): v for k, v in OUT_OF_REACH.items()}
+
+
 def _refuse(name: str) -> None:
-    if name in DEPRECATED:
-        raise WeightsError(f"{name}: {DEPRECATED[name]}", "deprecated_student")
-    if name in OUT_OF_REACH:
-        raise InvalidInputError(f"{name}: {OUT_OF_REACH[name]}", "unsupported_space")
+    key = name.lower()
+    if key in _DEPRECATED:
+        raise WeightsError(f"{name}: {_DEPRECATED[key]}", "deprecated_student")
+    if key in _OUT_OF_REACH:
+        raise InvalidInputError(f"{name}: {_OUT_OF_REACH[key]}", "unsupported_space")
 
 
 def student(name: str) -> Student:

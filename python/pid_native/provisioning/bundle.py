@@ -84,8 +84,7 @@ class LockedComponent(BaseModel):
         revision: the commit that was fetched.
         local: the local file or directory it was built from (None for Hub components).
         licence: licence id of the weights.
-        preset: PiD only: the network preset the checkpoint was checked against, if not its
-            student's network.
+        shrunk: PiD only: the checkpoint was checked as its student's network shrunk (a test mirror).
         student: PiD only: the student (None for a local checkpoint of open variant).
         files: every file, with size and sha256.
     """
@@ -97,7 +96,7 @@ class LockedComponent(BaseModel):
     revision: str | None
     local: str | None
     licence: str
-    preset: str | None = None
+    shrunk: bool = False
     student: str | None = None
     files: tuple[LockedFile, ...]
 

@@ -486,7 +486,7 @@ def _install_component(
 
         hub.record_revision(c, str(mine[0].revision), access.cache_dir)
     try:
-        check_component(c.name, placed, c.preset, c.student)
+        check_component(c.name, placed, c.student, shrunk=c.shrunk)
     except WeightsError as exc:
         if c.local is not None:
             raise
@@ -499,7 +499,7 @@ def _install_component(
         revision=mine[0].revision,
         local=str(c.local) if c.local is not None else None,
         licence=c.licence,
-        preset=c.preset if c.name == "pid" else None,
+        shrunk=c.shrunk,
         student=c.student,
         files=tuple(entries),
     )

@@ -78,9 +78,8 @@ class ComponentSpec(BaseModel):
             student names its own file).
         safetensors: also fetch the weights: the one merged ``*.safetensors`` file if the
             repository has one, otherwise ``model.safetensors.index.json`` and its shards.
-        preset: PiD only: a network preset (``pid_native._native.preset_config``) whose tensor
-            set the checkpoint must hold exactly instead of its student's network (a mirror of
-            shrunk test networks); None checks against the student's.
+        shrunk: PiD only: the mirror serves each student's network shrunk to the mini goldens'
+            backbone (``NetConfig::shrunk``; test mirrors), not the released one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,7 +88,7 @@ class ComponentSpec(BaseModel):
     sources: dict[str, Source]
     files: tuple[str, ...]
     safetensors: bool = False
-    preset: str | None = None
+    shrunk: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ComponentSpec:
@@ -115,7 +114,7 @@ class Component(BaseModel):
         licence: licence id of the weights.
         files: required files, repository-relative (for a local PiD checkpoint: its file name).
         safetensors: also take the merged or sharded ``*.safetensors`` weights.
-        preset: PiD network preset the checkpoint must match instead of its student's network.
+        shrunk: PiD only: the checkpoint is its student's network shrunk (see :class:`ComponentSpec`).
         student: PiD only: the student's name (None for a local checkpoint whose variant its
             name and tensors leave open).
     """
@@ -130,7 +129,7 @@ class Component(BaseModel):
     licence: str
     files: tuple[str, ...]
     safetensors: bool = False
-    preset: str | None = None
+    shrunk: bool = False
     student: str | None = None
 
     @property
@@ -240,7 +239,7 @@ class Manifest(BaseModel):
                 local=path,
                 licence=licence,
                 files=(path.name,),
-                preset=self.pid.preset,
+                shrunk=self.pid.shrunk,
                 student=found.student.name if found.student else None,
             )
         else:
@@ -282,7 +281,7 @@ def _component(
     name: ComponentName, spec: ComponentSpec, override: str | os.PathLike[str] | None
 ) -> Component:
     """A component from its spec, overridden by a local directory or another repository."""
-    common = {"name": name, "files": spec.files, "safetensors": spec.safetensors, "preset": spec.preset}
+    common = {"name": name, "files": spec.files, "safetensors": spec.safetensors, "shrunk": spec.shrunk}
     default_licence = spec.sources[spec.default].licence
     if override is not None and Path(override).expanduser().is_dir():
         return Component(local=Path(override).expanduser().resolve(), licence=default_licence, **common)

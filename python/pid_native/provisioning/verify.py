@@ -144,15 +144,14 @@ def safetensors_index(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
-def pid_config(preset: str | None, student: str | None) -> str | None:
-    """The network a PiD checkpoint must be: the preset's if given, else its student's, else
-    None (any PiD student network, as detected from its tensors)."""
-    if preset is not None:
-        return _native.preset_config(preset)
-    return find_student(student).config() if student else None
+def pid_config(student: str | None, *, shrunk: bool = False) -> str | None:
+    """The network a PiD checkpoint must be: its student's (shrunk: its mini version, see
+    :class:`~pid_native.provisioning.manifest.ComponentSpec`), else None (any PiD student
+    network, as detected from its tensors)."""
+    return find_student(student).config(shrunk=shrunk) if student else None
 
 
-def check_pid_checkpoint(path: Path, preset: str | None, student: str | None = None) -> None:
+def check_pid_checkpoint(path: Path, student: str | None, *, shrunk: bool = False) -> None:
     """Check a PiD checkpoint holds exactly the tensors of its network (see :func:`pid_config`).
 
     Keys may be bare (converted files) or upstream's (``net.*``, the training-only networks
@@ -162,14 +161,14 @@ def check_pid_checkpoint(path: Path, preset: str | None, student: str | None = N
         WeightsError: codes ``not_safetensors``/``truncated``/``not_pth``/``pth_not_tensors``
             (bad file), ``missing_tensor``, ``tensor_shape``, ``tensor_dtype``, ``unexpected_tensor``.
     """
-    config = pid_config(preset, student)
+    config = pid_config(student, shrunk=shrunk)
     try:
         _native.inspect_checkpoint(str(path), config)
     except WeightsError as exc:
-        network = preset or student
-        if network is None:
+        if student is None:
             raise
-        raise WeightsError(f"{exc.message} (expected the {network} PiD student)", exc.code) from None
+        network = f"{student} PiD student{' (shrunk)' if shrunk else ''}"
+        raise WeightsError(f"{exc.message} (expected the {network})", exc.code) from None
 
 
 def check_json(path: Path) -> None:
@@ -222,7 +221,7 @@ def check_file(path: Path) -> None:
         check_json(path)
 
 
-def check_component(name: str, paths: list[Path], preset: str | None, student: str | None = None) -> None:
+def check_component(name: str, paths: list[Path], student: str | None = None, *, shrunk: bool = False) -> None:
     """The checks that need all of a component's files: the PiD tensor set, a Gemma shard index.
 
     Raises:
@@ -230,7 +229,7 @@ def check_component(name: str, paths: list[Path], preset: str | None, student: s
     """
     if name == "pid":
         (checkpoint,) = paths
-        check_pid_checkpoint(checkpoint, preset, student)
+        check_pid_checkpoint(checkpoint, student, shrunk=shrunk)
     for path in paths:
         if path.name == SHARD_INDEX:
             check_shard_index(path.parent)
@@ -273,7 +272,7 @@ def verify(bundle: str | os.PathLike[str]) -> VerifyReport:
         if intact:
             try:
                 check_component(
-                    name, [root / e.path for e in component.files], component.preset, component.student
+                    name, [root / e.path for e in component.files], component.student, shrunk=component.shrunk
                 )
             except WeightsError as exc:
                 where = component.files[0].path if name == "pid" else COMPONENT_DIRS[name]

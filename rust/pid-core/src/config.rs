@@ -172,9 +172,9 @@ impl NetConfig {
         }
     }
 
-    /// The SDXL student shrunk for tests and synthetic bundles: the topology of the
-    /// `pidnet_sdxl_mini` golden, with every layout rule of the real one.
-    pub fn sdxl_mini() -> Self {
+    /// This network shrunk for tests, synthetic bundles and test mirrors: the backbone of the
+    /// `pidnet_*_mini` goldens and an adapter 16 times narrower, every layout rule kept.
+    pub fn shrunk(self) -> Self {
         Self {
             hidden_size: 128,
             num_groups: 2,
@@ -182,10 +182,15 @@ impl NetConfig {
             pixel_num_groups: 2,
             patch_depth: 4,
             txt_embed_dim: 64,
-            lq_hidden_dim: 32,
+            lq_hidden_dim: self.lq_hidden_dim / 16,
             lq_num_res_blocks: 2,
-            ..Self::sdxl_2kto4k()
+            ..self
         }
+    }
+
+    /// The SDXL student shrunk: the topology of the `pidnet_sdxl_mini` golden.
+    pub fn sdxl_mini() -> Self {
+        Self::sdxl_2kto4k().shrunk()
     }
 
     /// A named preset: `sdxl-2kto4k` (the released student) or `sdxl-mini`.

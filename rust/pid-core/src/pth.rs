@@ -247,7 +247,7 @@ fn state_dict(object: Object) -> std::result::Result<Vec<(String, Record)>, Stri
             continue;
         }
         let record = tensor(value)
-            .map_err(|why| format!("entry `{name}` {why}; only tensors are accepted"))?;
+            .map_err(|why| format!("entry `{name}` {why}; refusing the file: only tensors are accepted"))?;
         out.push((name, record));
     }
     Ok(out)
@@ -291,7 +291,7 @@ fn tensor(value: Object) -> std::result::Result<Record, String> {
         };
     }
     if !is_call(&callable, REBUILD_TENSOR) {
-        return Err(format!("calls {}", describe(&callable)));
+        return Err(format!("is a call of {}", describe(&callable)));
     }
     // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
     let Object::Tuple(a) = *args else {
@@ -498,7 +498,7 @@ mod tests {
         let cases = [
             (
                 Object::Dict(vec![(s("evil"), code.clone())]),
-                "calls os.system",
+                "is a call of os.system",
             ),
             (
                 Object::Dict(vec![(s("n"), Object::Int(3))]),

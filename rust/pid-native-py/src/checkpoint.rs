@@ -27,19 +27,23 @@ pub fn checkpoint_layout(config: &str) -> Result<Vec<(String, Vec<usize>)>, PyPi
 }
 
 /// The network JSON of a released student: its latent space's channels and spatial factor,
-/// flux2 v1.5's 2x2 un-packing factor, and its generation (v1 or v1.5).
+/// flux2 v1.5's 2x2 un-packing factor, and its generation (v1 or v1.5); `shrunk`: its mini
+/// version (test mirrors, see `NetConfig::shrunk`).
 #[pyfunction]
+#[pyo3(signature = (latent_channels, latent_down_factor, unpatchify, v15, shrunk=false))]
 pub fn released_config(
     latent_channels: usize,
     latent_down_factor: usize,
     unpatchify: usize,
     v15: bool,
+    shrunk: bool,
 ) -> Result<String, PyPidError> {
     let latent = LatentHint {
         channels: latent_channels,
         spatial_down_factor: latent_down_factor,
     };
     let cfg = NetConfig::released(latent, unpatchify, v15);
+    let cfg = if shrunk { cfg.shrunk() } else { cfg };
     cfg.validate()?;
     Ok(cfg.to_json())
 }
