@@ -93,9 +93,11 @@ def published(checkpoint: Path, out: Path) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def repos(synthetic: Path, seeded_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, FakeRepo]:
-    out = tmp_path_factory.mktemp("published")
+def repos(
+    synthetic: Path, seeded_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, FakeRepo]:
     """The manifest's repositories, with synthetic content and the extra files real ones hold."""
+    out = tmp_path_factory.mktemp("published")
     gemma = {n: (synthetic / "gemma" / n).read_bytes() for n in ("config.json", "tokenizer.json")}
     vae = {
         n: (synthetic / "vae" / n).read_bytes()
@@ -290,7 +292,9 @@ def test_fresh_install_writes_a_complete_locked_bundle(
     assert (root / CKPT).stat().st_nlink == 2
     # Each selected file was fetched exactly once; nothing else was.
     fetched = sorted(path.split("/resolve/")[1].split("/", 1)[1] for _, path, _ in hub.gets())
-    assert fetched == sorted(p.removeprefix("gemma/").removeprefix("vae/") for p in SDXL_FILES if "pid-bundle" not in p)
+    assert fetched == sorted(
+        p.removeprefix("gemma/").removeprefix("vae/") for p in SDXL_FILES if "pid-bundle" not in p
+    )
 
     events = outcome["events"]
     assert events[0]["kind"] == "plan" and events[-1]["kind"] == "complete"
@@ -632,8 +636,6 @@ def test_importing_provisioning_does_not_import_huggingface_hub() -> None:
 
 
 def test_shipped_manifest() -> None:
-    from pid_native import _native
-
     manifest = load_manifest(PACKAGED_MANIFEST)
     assert (manifest.pid.default, manifest.pid.files, manifest.pid.shrunk) == (PID_REPO, (), False)
     assert manifest.vae_spaces == ("sdxl",)

@@ -189,7 +189,9 @@ class _Evil:
 
 
 @pytest.mark.parametrize("payload", ["call", "object", "list"])
-def test_a_pth_holding_anything_but_tensors_is_refused_without_running_it(tmp_path: Path, payload: str) -> None:
+def test_a_pth_holding_anything_but_tensors_is_refused_without_running_it(
+    tmp_path: Path, payload: str
+) -> None:
     marker = tmp_path / "ran"
     obj = {
         "call": {"net.x": _Evil(marker)},
@@ -248,7 +250,9 @@ def test_convert_writes_the_lossless_safetensors_equivalent(tmp_path: Path, seed
     pth = published(s, tmp_path, seeded_cache)
     out = tmp_path / "anything.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "pid_native.cli", "convert", str(pth), str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "pid_native.cli", "convert", str(pth), str(out)],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0 and s.name in run.stdout, run.stderr
     stored = _native.checkpoint_arrays(str(pth))

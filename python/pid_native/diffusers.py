@@ -36,7 +36,7 @@ from PIL import Image
 from .decoder import Decoder, tensor_to_numpy
 from .errors import InvalidInputError, MissingFileError
 from .images import save_png, to_pil
-from .latents import euler_to_vp
+from .latents import euler_to_vp, normalise
 from .plugin import capture_plan
 from .provisioning.bundle import default_bundle
 
@@ -184,6 +184,7 @@ def decode(
     output_type: OutputType = "pil",
     sigma: float | Sequence[float] | None = None,
     seed: int | Sequence[int] = 0,
+    raw_vae: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Decode a diffusers SDXL-family latent with PiD at 4x the pipeline's resolution.
@@ -199,6 +200,9 @@ def decode(
             ``[B, 3, H, W]`` in [0, 1]), as diffusers spells them.
         sigma: VP noise level of the latents; an :class:`EarlyStop` supplies its own, else 0.
         seed: PiD's noise seed; ``s`` gives latent ``b`` the seed ``s + b``.
+        raw_vae: the VAE whose *raw* latents these are (``vae.encode(x).latent_dist.mean``), to
+            normalise them for the decoder's space first (:func:`pid_native.latents.normalise`;
+            a FLUX.2 VAE brings its BatchNorm statistics, ``vae.bn``).
         **kwargs: forwarded to :meth:`Decoder.decode` (``steps``, ``progress``, ``cancel``, ``tile``).
 
     Raises:
@@ -220,6 +224,10 @@ def decode(
     else:
         latents = _pipeline_latents(latents)
     dec = decoder if decoder is not None else default_decoder()
+    if raw_vae is not None:
+        bn = getattr(raw_vae, "bn", None)
+        stats = (bn.running_mean, bn.running_var) if dec.space.name == "flux2" and bn is not None else None
+        latents = normalise(dec.space.name, latents, bn=stats)
     try:
         images = dec.decode(latents, prompt, sigma=0.0 if sigma is None else sigma, seed=seed, **kwargs)
     except InvalidInputError as exc:

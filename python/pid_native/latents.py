@@ -254,7 +254,8 @@ def normalise(
     var = np.asarray(var, np.float32).reshape(1, -1, 1, 1)
     if mean.shape[1] != target.channels or var.shape[1] != target.channels:
         raise InvalidInputError(
-            f"FLUX.2 BatchNorm statistics have {target.channels} channels, got {mean.shape[1]}, {var.shape[1]}",
+            f"FLUX.2 BatchNorm statistics have {target.channels} channels, "
+            f"got {mean.shape[1]} and {var.shape[1]}",
             "flux2_stats",
         )
     return (pack_2x2(x) - mean) / np.sqrt(var + np.float32(FLUX2_BN_EPS))

@@ -280,8 +280,9 @@ def identify(
     if asked_space is not None:
         if chosen is not None and chosen.space != asked_space.name:
             raise InvalidInputError(
-                f"{path} is the {chosen.describe()} checkpoint (from its name), not a {asked_space.name} one: "
-                f"pass space={chosen.space!r} (--space {chosen.space}) or a {asked_space.name} checkpoint",
+                f"{path} is the {chosen.describe()} checkpoint (from its name), "
+                f"not a {asked_space.name} one: pass space={chosen.space!r} (--space {chosen.space}) "
+                f"or a {asked_space.name} checkpoint",
                 "wrong_space",
             )
         fits = [s for s in fits if s.space == asked_space.name]

@@ -221,7 +221,9 @@ def check_file(path: Path) -> None:
         check_json(path)
 
 
-def check_component(name: str, paths: list[Path], student: str | None = None, *, shrunk: bool = False) -> None:
+def check_component(
+    name: str, paths: list[Path], student: str | None = None, *, shrunk: bool = False
+) -> None:
     """The checks that need all of a component's files: the PiD tensor set, a Gemma shard index.
 
     Raises:

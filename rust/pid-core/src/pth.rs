@@ -246,8 +246,9 @@ fn state_dict(object: Object) -> std::result::Result<Vec<(String, Record)>, Stri
         if name == METADATA_KEY && is_version_table(&value) {
             continue;
         }
-        let record = tensor(value)
-            .map_err(|why| format!("entry `{name}` {why}; refusing the file: only tensors are accepted"))?;
+        let record = tensor(value).map_err(|why| {
+            format!("entry `{name}` {why}; refusing the file: only tensors are accepted")
+        })?;
         out.push((name, record));
     }
     Ok(out)
