@@ -15,7 +15,9 @@ UNet sees it: they divide by ``vae.config.scaling_factor`` only on their VAE bra
 SDXL student takes, so it is decoded as it is. (A VAE whose config sets ``latents_mean`` and
 ``latents_std`` normalises differently; its latents are not in that frame.) A run stopped
 before its last step (:class:`EarlyStop`, or ``denoising_end``) leaves a noisy latent in the
-scheduler's frame; :class:`EarlyStop` converts it to PiD's.
+scheduler's frame; :class:`EarlyStop` converts it to PiD's. A *raw* VAE latent (what
+``vae.encode(x).latent_dist.mean`` gives) is normalised for the decoder's space first with
+``decode(..., raw_vae=pipe.vae)``.
 
 Every decoded image is under the NVIDIA License (NSCLv1): research and evaluation only. The
 PIL images returned carry that restriction in their ``info``, as pid-native's PNGs do.
