@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-_LFS_SUFFIXES = (".safetensors", ".bin", ".model")
+_LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".pth")
 
 
 def git_blob_id(data: bytes) -> str:

@@ -25,7 +25,7 @@ def run(
 
 
 @pytest.mark.parametrize(
-    "cmd", ["decode", "upscale", "demo", "synth", "info", "bench", "selftest", "fetch", "verify"]
+    "cmd", ["decode", "upscale", "demo", "synth", "info", "bench", "selftest", "fetch", "verify", "convert"]
 )
 def test_every_command_has_help(cmd: str) -> None:
     r = run(cmd, "--help")
@@ -61,6 +61,22 @@ def test_decode_npy_and_safetensors_to_png(synth_bundle, tmp_path: Path) -> None
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "b_0.png").is_file() and (tmp_path / "b_1.png").is_file()
+
+
+def test_decode_raw_latents_normalises_them_first(synth_bundle, tmp_path: Path) -> None:
+    raw = np.random.default_rng(1).standard_normal((1, 4, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "raw.npy", raw)
+    np.save(tmp_path / "scaled.npy", raw * np.float32(0.13025))
+    common = ["--weights", str(synth_bundle), "--backend", "candle-cpu", "--space", "kolors"]
+    for name, extra in (("raw", ["--raw-latent"]), ("scaled", [])):
+        r = run("decode", str(tmp_path / f"{name}.npy"), *common, *extra, "-o", str(tmp_path / f"{name}.png"))
+        assert r.returncode == 0 and "with sdxl-2kto4k" in r.stdout, r.stderr
+    with Image.open(tmp_path / "raw.png") as a, Image.open(tmp_path / "scaled.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    r = run("decode", str(tmp_path / "raw.npy"), *common, "--flux2-vae", "vae.safetensors", "-o", "x.png")
+    assert r.returncode == 1 and "--flux2-vae goes with --raw-latent" in r.stderr
+    r = run("decode", str(tmp_path / "raw.npy"), *common[:-2], "--space", "flux", "-o", "x.png")
+    assert r.returncode == 1 and "[wrong_space]" in r.stderr
 
 
 def test_upscale_synth_and_demo(synth_bundle, tmp_path: Path) -> None:

@@ -303,9 +303,20 @@ def test_one_early_stop_serves_several_runs(pipe: Any) -> None:
     np.testing.assert_array_equal(first.images.numpy(), second.images.numpy())
 
 
+def test_raw_vae_latents_are_normalised_first(pipe: Any, decoder: Decoder) -> None:
+    image = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        raw = pipe.vae.encode(image).latent_dist.mean
+    from_raw = pid.decode(raw, PROMPT, decoder=decoder, raw_vae=pipe.vae, output_type="np")
+    scaled = pid.decode(raw * 0.13025, PROMPT, decoder=decoder, output_type="np")
+    np.testing.assert_allclose(from_raw, scaled, atol=1e-6)
+
+
 def test_bad_inputs_raise_clear_errors(pipe: Any, decoder: Decoder) -> None:
     sd3_like = torch.randn(1, 16, 4, 4)  # SD3 and Flux pipelines' latents have 16 channels
-    with pytest.raises(InvalidInputError, match="16 channels but this checkpoint expects 4") as err:
+    with pytest.raises(
+        InvalidInputError, match=r"16 channels, but this decoder .* takes sdxl latents"
+    ) as err:
         pid.decode(sd3_like, PROMPT, decoder=decoder)
     assert err.value.code == "latent_channels"
 

@@ -39,8 +39,15 @@ def test_aliases_resolve(alias: str, space: str, channels: int) -> None:
 
 def test_unknown_space_is_an_error_listing_the_known_ones() -> None:
     with pytest.raises(pid_native.InvalidInputError) as info:
-        latent_space("dinov2")
+        latent_space("nonsense")
     assert info.value.code == "unknown_space" and "kolors" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["dinov2", "rae", "siglip", "Scale-RAE"])
+def test_rae_spaces_are_refused_with_the_reason(name: str) -> None:
+    with pytest.raises(pid_native.InvalidInputError) as info:
+        latent_space(name)
+    assert info.value.code == "unsupported_space" and "not supported" in str(info.value)
 
 
 def test_euler_to_vp_matches_the_formula() -> None:

@@ -18,6 +18,7 @@ CORE_ONLY = {
     "error.rs": "MLX raises the package-level pid_native.errors, which the binding maps the core's to",
     "caption/cache.rs": "MLX keeps its caption cache inside CaptionEncoder (caption/__init__.py)",
     "cuda_device.rs": "opens and checks CUDA devices; MLX picks its own device (Metal or CPU)",
+    "pth.rs": "reads .pth checkpoints without pickle; MLX gets their tensors from it (weights.py)",
     "kernels/attention.rs": "our CPU/CUDA kernels; MLX runs its own ops (mx.fast on Metal)",
     "kernels/cpu.rs": "our CPU/CUDA kernels; MLX runs its own ops",
     "kernels/cuda.rs": "our CPU/CUDA kernels; MLX runs its own ops",

@@ -136,3 +136,11 @@ def test_concurrent_requests_share_one_load(plugin, synth_bundle) -> None:
     for t in threads:
         t.join()
     assert len(results) == 3 and all(np.array_equal(results[0], r) for r in results)
+
+
+def test_raw_latents_are_normalised_for_the_students_space(plugin, loaded) -> None:
+    raw = np.random.default_rng(5).standard_normal((1, 4, 2, 3)).astype(np.float32)
+    req = {"use_pid": True, "caption": "a castle", "seed": 2, "width": 96, "height": 64}
+    from_raw = loaded.decode(plugin.DecodeRequest(**req, raw_latent=True), raw)
+    scaled = loaded.decode(plugin.DecodeRequest(**req), raw * np.float32(0.13025))
+    np.testing.assert_array_equal(from_raw.images, scaled.images)

@@ -4,8 +4,9 @@ Every test that downloads runs the client in a fresh interpreter (``fakehub.py``
 script, or ``python -m pid_native.cli``) with ``HF_ENDPOINT``/``HF_HOME`` set before
 huggingface_hub is imported, exactly as a user's environment would. The fake Hub serves
 the manifest's real repository names with the files of a synthetic mini bundle
-(``pid_native.testing.synth``: seeded weights; the test manifest expects the checkpoint to
-be the ``sdxl-mini`` network). Nothing touches the network.
+(``pid_native.testing.synth``: seeded weights); ``nvidia/PiD`` holds the students as upstream
+publishes them, ``.pth`` files beside the training-only networks, shrunk (the test manifest
+says so). Nothing touches the network.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
+from conftest import GOLDENS
 from fakehub import FakeHub, FakeRepo
-from pid_native import MissingFileError, ProvisioningError, WeightsError
+from pid_native import MissingFileError, ProvisioningError, WeightsError, _native
 from pid_native.errors import InvalidInputError
 from pid_native.provisioning import (
     build_bundle,
@@ -41,11 +43,15 @@ from pid_native.provisioning import (
 from pid_native.provisioning.bundle import BUNDLE_FILE, LOCK_FILE
 from pid_native.provisioning.manifest import PACKAGED_MANIFEST
 from pid_native.provisioning.verify import safetensors_index
+from pid_native.testing.goldens import seeded_checkpoint
+from pid_native.testing.pth import write_pth
+from pid_native.testing.synth import CHECKPOINT as SYNTH_CKPT
 from pid_native.testing.synth import write_bundle
 
 FAKEHUB = Path(__file__).with_name("fakehub.py")
-CKPT = "pid_sdxl_2kto4k.safetensors"
-PID_REPO = "SceneWorks/pid-sdxl"
+CKPT = "checkpoints/PiD_res2kto4k_sr4x_official_sdxl_distill_4step/model_ema_bf16.pth"
+FLUX_CKPT = "checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+PID_REPO = "nvidia/PiD"
 GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"
 GATED_GEMMA = "google/gemma-2-2b-it"
 VAE_REPO = "stabilityai/sdxl-vae"
@@ -79,9 +85,19 @@ def _shards() -> dict[str, bytes]:
     }
 
 
+def published(checkpoint: Path, out: Path) -> bytes:
+    """A student as upstream publishes it: a ``.pth`` of ``net.*`` beside a training-only network."""
+    arrays = {f"net.{k}": v for k, v in _native.checkpoint_arrays(str(checkpoint)).items()}
+    arrays["fake_score.x_embedder.weight"] = ("f32", np.ones((2, 2), np.float32))
+    return write_pth(arrays, out).read_bytes()
+
+
 @pytest.fixture(scope="session")
-def repos(synthetic: Path) -> dict[str, FakeRepo]:
+def repos(
+    synthetic: Path, seeded_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, FakeRepo]:
     """The manifest's repositories, with synthetic content and the extra files real ones hold."""
+    out = tmp_path_factory.mktemp("published")
     gemma = {n: (synthetic / "gemma" / n).read_bytes() for n in ("config.json", "tokenizer.json")}
     vae = {
         n: (synthetic / "vae" / n).read_bytes()
@@ -90,8 +106,12 @@ def repos(synthetic: Path) -> dict[str, FakeRepo]:
     return {
         PID_REPO: FakeRepo(
             {
-                CKPT: (synthetic / CKPT).read_bytes(),
-                "README.md": b"# PiD SDXL\n",
+                CKPT: published(synthetic / SYNTH_CKPT, out / "sdxl.pth"),
+                # flux-2kto4k_v1pt5 shrunk: the network of the v1.5 16-channel mini golden.
+                FLUX_CKPT: published(
+                    seeded_checkpoint(GOLDENS / "pidnet_v15_mini.safetensors", seeded_cache), out / "flux.pth"
+                ),
+                "README.md": b"# PiD\n",
                 ".gitattributes": b"*.safetensors lfs\n",
             }
         ),
@@ -126,9 +146,9 @@ def repos(synthetic: Path) -> dict[str, FakeRepo]:
 
 @pytest.fixture(scope="session")
 def test_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The packaged manifest, except that the SDXL checkpoint is the mini network."""
+    """The packaged manifest, except that the students are their mini networks."""
     data = json.loads(PACKAGED_MANIFEST.read_text())
-    data["spaces"]["sdxl"]["pid"]["preset"] = "sdxl-mini"
+    data["pid"]["shrunk"] = True
     path = tmp_path_factory.mktemp("manifest") / "manifest.json"
     path.write_text(json.dumps(data))
     return path
@@ -265,13 +285,16 @@ def test_fresh_install_writes_a_complete_locked_bundle(
         for f in entry["files"]:
             data = repo.files[f["path"].removeprefix(prefix)]
             assert (f["size"], f["sha256"]) == (len(data), sha256(data))
-    assert lock["components"]["pid"]["preset"] == "sdxl-mini"
+    assert lock["components"]["pid"]["shrunk"] is True
+    assert lock["components"]["pid"]["student"] == "sdxl-2kto4k"
 
     # Files are hard links into the Hub cache: no second copy on disk.
     assert (root / CKPT).stat().st_nlink == 2
     # Each selected file was fetched exactly once; nothing else was.
     fetched = sorted(path.split("/resolve/")[1].split("/", 1)[1] for _, path, _ in hub.gets())
-    assert fetched == sorted(p.split("/")[-1] for p in SDXL_FILES if not p.startswith("pid-bundle"))
+    assert fetched == sorted(
+        p.removeprefix("gemma/").removeprefix("vae/") for p in SDXL_FILES if "pid-bundle" not in p
+    )
 
     events = outcome["events"]
     assert events[0]["kind"] == "plan" and events[-1]["kind"] == "complete"
@@ -507,7 +530,7 @@ def test_a_checkpoint_of_the_wrong_network_is_rejected(hub: FakeHub, env: dict[s
         k: v for k, v in env.items() if k != "PID_NATIVE_MANIFEST"
     }  # expects the full sdxl-2kto4k student
     message = fails(client(packaged, accept_license=True), "tensor_shape")
-    assert "sdxl-2kto4k" in message
+    assert "sdxl-2kto4k PiD student" in message
     assert not bundle_of(env).exists()
 
 
@@ -525,7 +548,7 @@ def test_dry_run_shows_files_and_sizes_and_downloads_nothing(
     run = cli(env, "fetch", "--dry-run")
     assert run.returncode == 0, run.stderr
     for name in (
-        "pid_sdxl_2kto4k.safetensors",
+        CKPT,
         "gemma-2-2b-it.safetensors",
         "diffusion_pytorch_model.safetensors",
     ):
@@ -570,6 +593,40 @@ def test_cli_fetch_and_verify(hub: FakeHub, env: dict[str, str], tmp_path: Path)
     assert out.shape == (1, 3, 64, 64) and np.isfinite(out).all()
 
 
+def test_cli_fetch_space_takes_only_its_student_from_the_official_repository(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path
+) -> None:
+    deprecated = cli(env, "fetch", "--student", "flux2-2kto4k", "--accept-license")
+    assert deprecated.returncode == 1 and "[deprecated_student]" in deprecated.stderr
+    assert "2kto4k_v1pt5" in deprecated.stderr and hub.requests == []
+
+    run = cli(env, "fetch", "--space", "zimage", "--accept-license")
+    assert run.returncode == 0, run.stderr
+    root = Path(env["PID_NATIVE_HOME"]) / "bundles" / "flux"
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for _, path, _ in hub.gets()}
+    assert fetched == {FLUX_CKPT, "config.json", "tokenizer.json", "gemma-2-2b-it.safetensors"}
+    bundle = load_bundle(root)
+    assert (bundle.space, bundle.student, bundle.vae) == ("flux", "flux-2kto4k_v1pt5", None)
+    assert bundle.checkpoint == root / FLUX_CKPT and verify(root).ok
+
+    # The published .pth is decoded as it is, and converts to an equivalent safetensors file.
+    from pid_native import Decoder
+
+    dec = Decoder.open(root, backend="candle-cpu")
+    latent = np.random.default_rng(0).standard_normal((1, 16, 2, 2)).astype(np.float32)
+    out = dec.decode(latent, "a fetched caption", seed=1)
+    assert out.shape == (1, 3, 64, 64) and np.isfinite(out).all()
+    with pytest.raises(InvalidInputError, match="is a sdxl latent") as wrong:
+        dec.decode(np.zeros((1, 4, 2, 2), np.float32))
+    assert wrong.value.code == "latent_channels"
+    converted = tmp_path / "flux.safetensors"
+    run = cli(env, "convert", str(bundle.checkpoint), str(converted))
+    assert run.returncode == 0 and "flux-2kto4k_v1pt5" in run.stdout, run.stderr
+    again = Decoder.open(converted, backend="candle-cpu", gemma=bundle.gemma)
+    assert again.student is not None and again.student.name == "flux-2kto4k_v1pt5"
+    np.testing.assert_array_equal(again.decode(latent, "a fetched caption", seed=1), out)
+
+
 # ---------------------------------------------------------------- offline pieces, in process
 
 
@@ -579,17 +636,13 @@ def test_importing_provisioning_does_not_import_huggingface_hub() -> None:
 
 
 def test_shipped_manifest() -> None:
-    from pid_native import _native
-
     manifest = load_manifest(PACKAGED_MANIFEST)
-    sdxl = manifest.spaces["sdxl"]
-    assert (sdxl.pid.default, sdxl.pid.files, sdxl.pid.preset) == (PID_REPO, (CKPT,), "sdxl-2kto4k")
-    assert len(_native.checkpoint_layout(_native.preset_config("sdxl-2kto4k"))) == 456
-    assert manifest.spaces["qwenimage"].pid.files == ("pid_qwenimage_2kto4k.safetensors",)
+    assert (manifest.pid.default, manifest.pid.files, manifest.pid.shrunk) == (PID_REPO, (), False)
+    assert manifest.vae_spaces == ("sdxl",)
     assert manifest.gemma.default == GEMMA_REPO and manifest.gemma.sources[GATED_GEMMA].gated
     assert set(manifest.vae.sources) == {VAE_REPO, "madebyollin/sdxl-vae-fp16-fix"}
     ids = {r["id"] for r in licences()}
-    for spec in (*(s.pid for s in manifest.spaces.values()), manifest.gemma, manifest.vae):
+    for spec in (manifest.pid, manifest.gemma, manifest.vae):
         for source in spec.sources.values():
             assert source.licence in ids
             assert source.revision == "main" or source.pinned
@@ -597,8 +650,9 @@ def test_shipped_manifest() -> None:
 
 def test_manifest_resolves_requests(tmp_path: Path) -> None:
     manifest = load_manifest(PACKAGED_MANIFEST)
-    space, comps = manifest.components("kolors")
-    assert space == "sdxl" and [c.name for c in comps] == ["pid", "gemma", "vae"]
+    target, comps = manifest.components("kolors")
+    assert (target.space, target.label) == ("sdxl", "sdxl-2kto4k")
+    assert [c.name for c in comps] == ["pid", "gemma", "vae"] and comps[0].files == (CKPT,)
     _, comps = manifest.components("sdxl", include_vae=False, gemma=f"{GATED_GEMMA}@{'a' * 40}")
     assert [c.name for c in comps] == ["pid", "gemma"]
     assert (comps[1].repo, comps[1].revision, comps[1].gated) == (GATED_GEMMA, "a" * 40, True)
@@ -606,8 +660,25 @@ def test_manifest_resolves_requests(tmp_path: Path) -> None:
     assert comps[1].local == tmp_path.resolve() and comps[1].repo is None
     _, comps = manifest.components("qwenimage")
     assert [c.name for c in comps] == ["pid", "gemma"]
+    # Each space's default student and any named one: one file of nvidia/PiD, never the repository.
+    for space, student, experiment in (
+        ("zimage", None, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step"),
+        ("flux2-klein-4b", None, "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step"),
+        ("qwenimage-2512", None, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step"),
+        ("sd3", None, "PiD_res2kto4k_sr4x_official_sd3_distill_4step"),
+        (None, "zimage-turbo-2k", "PiD_res2k_sr4x_official_flux_distill_4step"),
+        (None, "flux2-2k", "PiD_res2k_sr4x_official_flux2_distill_4step"),
+        ("sd3", "sd3-2k", "PiD_res2k_sr4x_official_sd3_distill_4step"),
+    ):
+        target, comps = manifest.components(space, student_name=student)
+        assert comps[0].files == (f"checkpoints/{experiment}/model_ema_bf16.pth",), (space, student)
+        assert comps[0].repo == PID_REPO and [c.name for c in comps] == ["pid", "gemma"]
     for kwargs, code in (
-        ({"space": "flux"}, "no_hub_weights"),
+        ({"student_name": "qwenimage-2kto4k"}, "no_hub_weights"),
+        ({"space": "sdxl", "student_name": "flux-2k"}, "wrong_student"),
+        ({"student_name": "sdxl-2k"}, "unknown_student"),
+        ({"space": "dinov2"}, "unsupported_space"),
+        ({"student_name": "siglip-2k"}, "unsupported_space"),
         ({"space": "nope"}, "unknown_space"),
         ({"space": "sdxl", "gemma": "not a repo"}, "bad_repo_id"),
     ):
@@ -632,7 +703,7 @@ def local_weights(tmp_path: Path, synthetic: Path) -> dict[str, Path]:
     """A PiD checkpoint file and Gemma and VAE directories, as a user might have them."""
     src = tmp_path / "src"
     shutil.copytree(synthetic, src, ignore=shutil.ignore_patterns(BUNDLE_FILE))
-    return {"checkpoint": src / CKPT, "gemma": src / "gemma", "vae": src / "vae"}
+    return {"checkpoint": src / SYNTH_CKPT, "gemma": src / "gemma", "vae": src / "vae"}
 
 
 def build(root: Path, weights: dict[str, Path], **options: Any) -> Path:
@@ -729,7 +800,7 @@ def test_load_bundle_reads_synthetic_bundles(synthetic: Path) -> None:
     bundle = load_bundle(synthetic)
     assert (bundle.space, bundle.synthetic, bundle.license, bundle.lock) == ("sdxl", "mini", None, None)
     assert (bundle.checkpoint, bundle.gemma, bundle.vae) == (
-        synthetic / CKPT,
+        synthetic / SYNTH_CKPT,
         synthetic / "gemma",
         synthetic / "vae",
     )
@@ -741,6 +812,8 @@ def test_load_bundle_reads_synthetic_bundles(synthetic: Path) -> None:
 def test_default_bundle_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PID_NATIVE_HOME", str(tmp_path))
     assert default_bundle_dir("kolors") == tmp_path / "bundles" / "sdxl"
+    assert default_bundle_dir("zimage-turbo") == tmp_path / "bundles" / "flux"
+    assert default_bundle_dir(student="zimage-2k") == tmp_path / "bundles" / "flux-2k"
     monkeypatch.delenv("PID_NATIVE_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_bundle_dir() == tmp_path / "xdg" / "pid-native" / "bundles" / "sdxl"

@@ -21,6 +21,21 @@ def inspect_checkpoint(
     latent_channels: int | None = None,
     latent_down_factor: int = 8,
 ) -> str: ...
+def released_config(
+    latent_channels: int, latent_down_factor: int, unpatchify: int, v15: bool, shrunk: bool = False
+) -> str: ...
+def check_pth(path: str | PathLike[str]) -> None: ...
+def convert_checkpoint(
+    src: str | PathLike[str],
+    dst: str | PathLike[str],
+    metadata: dict[str, str],
+    config: str | None = None,
+    latent_channels: int | None = None,
+    latent_down_factor: int = 8,
+) -> str: ...
+def checkpoint_arrays(
+    path: str | PathLike[str],
+) -> dict[str, tuple[Literal["bf16", "f16", "f32"], npt.NDArray[Any]]]: ...
 def plan_decode(
     config: str, batch: int, h: int, w: int, weight_bytes: int, budget_bytes: int, tile: int | None = None
 ) -> Plan: ...

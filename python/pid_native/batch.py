@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .decoder import MAX_SEED, Decoder, ProgressCallback, _first_error, as_latents
 from .errors import Cancelled, InvalidInputError, MissingFileError, PidError
 from .images import save_png, to_pil
+from .latents import normalise
 
 Mode = Literal["decode", "upscale"]
 Status = Literal["done", "skipped", "failed"]
@@ -256,12 +257,24 @@ class _Pending:
     seeds: list[int]
 
 
-def _prepare(decoder: Decoder, item: Item, mode: Mode, overwrite: bool) -> _Pending | None:
+@dataclass(frozen=True)
+class RawLatents:
+    """Latent files hold the host VAE's raw latents: normalise them for the decoder's space first
+    (:func:`pid_native.latents.normalise`); ``flux2_vae`` holds FLUX.2's BatchNorm statistics."""
+
+    flux2_vae: str | None = None
+
+
+def _prepare(
+    decoder: Decoder, item: Item, mode: Mode, overwrite: bool, raw: RawLatents | None
+) -> _Pending | None:
     """Load and check an item; None when every output of it is already complete."""
     if not overwrite and is_complete(item.output):
         return None
     if mode == "upscale":
         latents = decoder.encode_image(item.input)
+    elif raw is not None:
+        latents = normalise(decoder.space.name, load_latent_file(item.input), vae=raw.flux2_vae)
     else:
         latents = as_latents(load_latent_file(item.input))
     outputs = item.outputs(len(latents))
@@ -282,6 +295,7 @@ def run(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     cancel: Any = None,
+    raw: RawLatents | None = None,
 ) -> Iterator[ItemResult]:
     """Decode (latent files) or upscale (images) ``items``, yielding one result per item.
 
@@ -296,6 +310,7 @@ def run(
         progress: receives the decodes' :class:`~pid_native.ProgressEvent`\\ s.
         cancel: a :class:`~pid_native.CancelToken`; cancelling stops the run at the next step,
             writing nothing for the items in progress.
+        raw: decode mode: the files hold raw VAE latents, normalised first (see :class:`RawLatents`).
 
     Yields:
         An :class:`ItemResult` per item, as items finish (a failed item may come before items
@@ -312,7 +327,7 @@ def run(
         if cancel is not None and cancel.cancelled:
             raise Cancelled("the batch run was cancelled")
         try:
-            pending = _prepare(decoder, item, mode, overwrite)
+            pending = _prepare(decoder, item, mode, overwrite, raw)
         except (PidError, OSError) as exc:
             yield ItemResult.failure(item, exc)
             continue
@@ -408,6 +423,7 @@ __all__ = [
     "REPORT_NAME",
     "Item",
     "ItemResult",
+    "RawLatents",
     "Report",
     "collect",
     "has_pattern",

@@ -55,6 +55,7 @@ def _open_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         "vae": Path(args.vae).absolute() if args.vae else None,
         "memory_budget": args.memory_budget,
         "space": args.space,
+        "student": args.student,
     }
     return weights, options
 
@@ -113,7 +114,12 @@ def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> 
         args.inputs, out_dir, mode, caption=args.caption, seed=args.seed, sigma=getattr(args, "sigma", 0.0)
     )
     weights, options = _open_args(args)
-    settings = {"steps": args.steps, "batch_size": args.batch_size, "overwrite": args.overwrite}
+    settings = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "overwrite": args.overwrite,
+        "raw": _raw(args),
+    }
     bar = tqdm(total=len(items), desc=mode, unit="item", disable=not sys.stderr.isatty())
     report = None
     try:
@@ -154,14 +160,29 @@ def _run_batch(args: argparse.Namespace, mode: Literal["decode", "upscale"]) -> 
     return 1 if report and report.failures else 0
 
 
+def _raw(args: argparse.Namespace) -> Any:
+    """``--raw-latent``: the files' latents get normalised for the decoder's space."""
+    from .batch import RawLatents
+
+    if getattr(args, "flux2_vae", None) and not args.raw_latent:
+        raise InvalidInputError("--flux2-vae goes with --raw-latent", "invalid_argument")
+    if not getattr(args, "raw_latent", False):
+        return None
+    return RawLatents(flux2_vae=str(Path(args.flux2_vae).absolute()) if args.flux2_vae else None)
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     from .batch import load_latent_file
     from .images import to_pil
+    from .latents import normalise
 
     if _is_batch(args):
         return _run_batch(args, "decode")
+    raw = _raw(args)
     dec = _open(args)
     latents = load_latent_file(Path(args.inputs[0]))
+    if raw is not None:
+        latents = normalise(dec.space.name, latents, vae=raw.flux2_vae)
     update, close = _progress_bar("decode")
     t0 = time.perf_counter()
     try:
@@ -173,7 +194,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     paths = _save(to_pil(out), Path(args.output), {"pid-caption": args.caption, "pid-seed": str(args.seed)})
     print(
         f"decoded {out.shape[0]} image(s) {out.shape[3]}x{out.shape[2]} in {time.perf_counter() - t0:.1f}s "
-        f"on {dec.backend}: {', '.join(map(str, paths))}"
+        f"with {dec.student.name if dec.student else dec.space.name} on {dec.backend}: "
+        f"{', '.join(map(str, paths))}"
     )
     return 0
 
@@ -268,6 +290,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out, student = convert(args.checkpoint, args.output, space=args.space, student=args.student)
+    print(f"wrote {out} ({student}), the lossless safetensors equivalent of {args.checkpoint}")
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from .selftest import options, run, summary
 
@@ -292,7 +322,14 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gemma", help="Gemma-2-2b-it directory (overrides the bundle's)")
     p.add_argument("--vae", help="SDXL VAE directory (overrides the bundle's)")
-    p.add_argument("--space", help="latent space or model family (sdxl, kolors, flux, ...)")
+    p.add_argument(
+        "--space",
+        help="latent space or model family (sdxl, kolors, flux, zimage, sd3, flux2, qwenimage, ...)",
+    )
+    p.add_argument(
+        "--student",
+        help="the checkpoint's student (flux-2k, sd3-2kto4k, ...) where its name and tensors do not say it",
+    )
     p.add_argument("--backend", default="auto", help="auto, candle-cpu, candle-cuda, mlx")
     p.add_argument(
         "--memory-budget",
@@ -357,7 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="decode latent files (.npy/.npz/.safetensors) to PNG")
     _add_batch_args(p, "latent")
-    p.add_argument("--sigma", type=float, default=0.0, help="VP noise level of a partially denoised latent")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=0.0,
+        help="noise level of a partially denoised latent (VP for sdxl, flow matching for the others)",
+    )
+    p.add_argument(
+        "--raw-latent",
+        action="store_true",
+        help="the files hold the host VAE's raw latent: normalise it for the checkpoint's space first",
+    )
+    p.add_argument(
+        "--flux2-vae",
+        metavar="FILE",
+        help="with --raw-latent for flux2: the FLUX.2 VAE .safetensors whose BatchNorm statistics normalise",
+    )
     _add_sampling_args(p)
     _add_weights_args(p)
     p.set_defaults(func=cmd_decode)
@@ -374,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_weights_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "convert",
+        help="write a PiD checkpoint (upstream's model_ema_bf16.pth) as lossless safetensors",
+        description="Read a PiD student checkpoint (the published model_ema_bf16.pth, read without pickle, "
+        "or safetensors), keep the student's tensors (net.*, without the net_ema/fake_score/discriminator "
+        "training networks), check the exact tensor set and write them unchanged, bare-named, to a "
+        "safetensors file that records the student.",
+    )
+    p.add_argument("checkpoint", help="the .pth (or .safetensors) checkpoint")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--space", help="the checkpoint's latent space, where its name and tensors do not say it")
+    p.add_argument("--student", help="the checkpoint's student (flux-2k, ...), likewise")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("synth", help="write a synthetic bundle with seeded random weights (tests, CI)")
     p.add_argument("dir")

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import _native, backends
 from .errors import InvalidInputError, MissingFileError
-from .latents import LatentSpace, latent_space
+from .latents import SPACES, LatentSpace
 from .memory import resolve_budget
+from .students import Student, identify
 
 CancelToken = _native.CancelToken
 DecodeRequest = _native.DecodeRequest
@@ -144,9 +145,11 @@ class Decoder:
         *,
         has_gemma: bool,
         has_vae: bool,
+        student: Student | None = None,
     ) -> None:
         self._engine = engine
         self.space = space
+        self.student = student
         self.memory_budget = memory_budget
         self._has_gemma = has_gemma
         self._has_vae = has_vae
@@ -165,11 +168,17 @@ class Decoder:
         memory_budget: float | None = None,
         space: str | None = None,
         softcap: bool = False,
+        student: str | None = None,
     ) -> Decoder:
         """Open a PiD checkpoint file or a provisioned bundle directory.
 
+        Which student the checkpoint is (its latent space and variant) comes from its tensors
+        and its name (see :func:`pid_native.students.identify`); ``space`` or ``student`` say it
+        where the file does not, and must agree with it.
+
         Args:
-            path: a PiD ``.safetensors`` checkpoint, or a bundle directory written by
+            path: a PiD checkpoint (a converted ``.safetensors``, or upstream's ``model_ema_bf16.pth``
+                as published, read without pickle), or a bundle directory written by
                 ``pid-native fetch`` / ``pid_native.provision()`` (checkpoint + ``gemma/`` + ``vae/``).
             backend: ``"auto"``, ``"candle-cpu"``, ``"candle-cuda"``, ``"mlx"`` or a registered name.
             device: backend device string (``"cpu"``, ``"cuda:0"``); the backend's default if None.
@@ -179,12 +188,17 @@ class Decoder:
             compute_dtype: arithmetic of the network: ``"f32"``, ``"bf16"`` (CUDA, MLX) or ``"f16"``
                 (candle); None: the backend's default (f32 on the CPU, bf16 on CUDA).
             memory_budget: GiB a decode may use; else ``PID_MEMORY_BUDGET_GIB``, else free memory.
-            space: latent space or model family (``sdxl``, ``kolors``, ``flux``...); the bundle's, else sdxl.
+            space: latent space or model family (``sdxl``, ``kolors``, ``flux``...); the bundle's by default.
             softcap: apply Gemma's attention-logit softcap (the reference does not; off by default).
+            student: the released student, ``<space>-<variant>`` (``flux-2k``, ``sd3-2kto4k``...);
+                the bundle's by default.
 
         Raises:
             MissingFileError: listing every missing file and how to provision it.
-            WeightsError: a file is corrupt, truncated or not a PiD checkpoint.
+            WeightsError: a file is corrupt, truncated, not a PiD checkpoint, a ``.pth`` holding
+                anything but tensors, a deprecated student.
+            InvalidInputError: a checkpoint of another space or student than asked (``wrong_space``,
+                ``wrong_student``), or one whose space its name and tensors leave open (``ambiguous_space``).
             BackendUnavailableError: the backend cannot run here (with the reason).
         """
         path = Path(path)
@@ -192,11 +206,13 @@ class Decoder:
             from .provisioning.bundle import load_bundle
 
             bundle = load_bundle(path)
-            checkpoint, bundle_space = bundle.checkpoint, bundle.space
+            checkpoint = bundle.checkpoint
+            space = space or bundle.space
+            student = student or bundle.student
             gemma = gemma if gemma is not None else bundle.gemma
             vae = vae if vae is not None else bundle.vae
         else:
-            checkpoint, bundle_space = path, None
+            checkpoint = path
         missing = [
             f"{what}: {p}"
             for what, p in (("checkpoint", checkpoint), ("gemma", gemma), ("vae", vae))
@@ -210,10 +226,10 @@ class Decoder:
                 "or pass existing paths.",
                 "missing_file",
             )
-        resolved_space = latent_space(space or bundle_space or "sdxl")
+        identity = identify(checkpoint, space=space, student_name=student)
         spec = backends.OpenSpec(
             checkpoint=Path(checkpoint),
-            space=resolved_space,
+            space=identity.space,
             gemma=Path(gemma) if gemma is not None else None,
             vae=Path(vae) if vae is not None else None,
             device=device,
@@ -223,7 +239,12 @@ class Decoder:
         )
         engine = backends.get(backend).open(spec)
         return cls(
-            engine, resolved_space, memory_budget, has_gemma=gemma is not None, has_vae=vae is not None
+            engine,
+            identity.space,
+            memory_budget,
+            has_gemma=gemma is not None,
+            has_vae=vae is not None,
+            student=identity.student,
         )
 
     @property
@@ -281,10 +302,12 @@ class Decoder:
 
         Args:
             latents: ``[B, C, h, w]`` or ``[C, h, w]`` (float16/32, bfloat16; numpy or torch), in
-                the space's normalised frame (SDXL: the VAE latent times 0.13025).
+                the space's normalised frame (SDXL: the VAE latent times 0.13025; a raw VAE latent
+                goes through :func:`pid_native.latents.normalise` first).
             caption: one caption for all latents, or one per latent ("" is valid).
-            sigma: variance-preserving noise level of a partially denoised latent, scalar or
-                per latent (0 = clean). See :func:`pid_native.latents.euler_to_vp`.
+            sigma: noise level of a partially denoised latent in the space's frame (variance-preserving
+                for SDXL, flow-matching for the others), scalar or per latent (0 = clean). See
+                :func:`pid_native.latents.euler_to_vp`.
             seed: noise seed; a scalar ``s`` gives latent ``b`` the seed ``s + b``.
             steps: sampler steps, 1-4 (4 is the trained schedule).
             progress: called with a :class:`ProgressEvent` at each caption/image/step/tile boundary.
@@ -299,6 +322,7 @@ class Decoder:
             InvalidInputError, BudgetError, Cancelled (and KeyboardInterrupt on Ctrl-C).
         """
         lat = as_latents(latents)
+        self._check_space(lat)
         b, _, h, w = lat.shape
         seeds = (
             [seed + i for i in range(b)]
@@ -328,6 +352,31 @@ class Decoder:
         if progress:
             progress(ProgressEvent("done"))
         return out
+
+    def _check_space(self, lat: np.ndarray) -> None:
+        """Refuse a latent of another space's channel count, naming the space it looks like."""
+        channels, mine = lat.shape[1], self.space
+        if channels == mine.channels:
+            return
+        normalised = [s.name for s in SPACES if s.channels == channels]
+        raw = [s.name for s in SPACES if s.raw_channels == channels and s.raw_channels != s.channels]
+        if normalised:
+            hint = f"; {channels} channels is a {' or '.join(normalised)} latent, which it cannot decode"
+        elif raw:
+            hint = (
+                f"; {channels} channels is a raw {' or '.join(raw)} VAE latent: normalise it first "
+                "(pid_native.latents.normalise, CLI --raw-latent)"
+            )
+        else:
+            hint = ""
+        raise InvalidInputError(
+            f"latents {lat.shape} have {channels} channels, but this decoder ({self._label()}) takes "
+            f"{mine.name} latents [B, {mine.channels}, h, w]{hint}",
+            "latent_channels",
+        )
+
+    def _label(self) -> str:
+        return self.student.name if self.student else self.space.name
 
     def decode_to_images(self, latents: Any, caption: str | Sequence[str] = "", **kwargs: Any) -> list[Any]:
         """:meth:`decode`, returned as PIL images (with the licence note in their metadata)."""

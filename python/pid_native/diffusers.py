@@ -15,7 +15,9 @@ UNet sees it: they divide by ``vae.config.scaling_factor`` only on their VAE bra
 SDXL student takes, so it is decoded as it is. (A VAE whose config sets ``latents_mean`` and
 ``latents_std`` normalises differently; its latents are not in that frame.) A run stopped
 before its last step (:class:`EarlyStop`, or ``denoising_end``) leaves a noisy latent in the
-scheduler's frame; :class:`EarlyStop` converts it to PiD's.
+scheduler's frame; :class:`EarlyStop` converts it to PiD's. A *raw* VAE latent (what
+``vae.encode(x).latent_dist.mean`` gives) is normalised for the decoder's space first with
+``decode(..., raw_vae=pipe.vae)``.
 
 Every decoded image is under the NVIDIA License (NSCLv1): research and evaluation only. The
 PIL images returned carry that restriction in their ``info``, as pid-native's PNGs do.
@@ -36,7 +38,7 @@ from PIL import Image
 from .decoder import Decoder, tensor_to_numpy
 from .errors import InvalidInputError, MissingFileError
 from .images import save_png, to_pil
-from .latents import euler_to_vp
+from .latents import euler_to_vp, normalise
 from .plugin import capture_plan
 from .provisioning.bundle import default_bundle
 
@@ -184,6 +186,7 @@ def decode(
     output_type: OutputType = "pil",
     sigma: float | Sequence[float] | None = None,
     seed: int | Sequence[int] = 0,
+    raw_vae: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Decode a diffusers SDXL-family latent with PiD at 4x the pipeline's resolution.
@@ -199,6 +202,9 @@ def decode(
             ``[B, 3, H, W]`` in [0, 1]), as diffusers spells them.
         sigma: VP noise level of the latents; an :class:`EarlyStop` supplies its own, else 0.
         seed: PiD's noise seed; ``s`` gives latent ``b`` the seed ``s + b``.
+        raw_vae: the VAE whose *raw* latents these are (``vae.encode(x).latent_dist.mean``), to
+            normalise them for the decoder's space first (:func:`pid_native.latents.normalise`;
+            a FLUX.2 VAE brings its BatchNorm statistics, ``vae.bn``).
         **kwargs: forwarded to :meth:`Decoder.decode` (``steps``, ``progress``, ``cancel``, ``tile``).
 
     Raises:
@@ -220,6 +226,10 @@ def decode(
     else:
         latents = _pipeline_latents(latents)
     dec = decoder if decoder is not None else default_decoder()
+    if raw_vae is not None:
+        bn = getattr(raw_vae, "bn", None)
+        stats = (bn.running_mean, bn.running_var) if dec.space.name == "flux2" and bn is not None else None
+        latents = normalise(dec.space.name, latents, bn=stats)
     try:
         images = dec.decode(latents, prompt, sigma=0.0 if sigma is None else sigma, seed=seed, **kwargs)
     except InvalidInputError as exc:

@@ -68,7 +68,12 @@ class PluginInfo(BaseModel):
 
 
 class LoadSpec(BaseModel):
-    """Where the weights are; provisioned defaults for whatever is omitted."""
+    """Where the weights are; provisioned defaults for whatever is omitted.
+
+    ``student`` picks a released student (``flux-2k``...) where the checkpoint does not say
+    it; ``flux2_vae`` is the FLUX.2 VAE file whose BatchNorm statistics normalise raw flux2
+    latents (see ``DecodeRequest.raw_latent``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -77,12 +82,15 @@ class LoadSpec(BaseModel):
     gemma: Path | None = None
     vae: Path | None = None
     space: str = "sdxl"
+    student: str | None = None
+    flux2_vae: Path | None = None
     backend: str = "auto"
     memory_budget_gib: float | None = Field(default=None, gt=0)
 
 
 class DecodeRequest(BaseModel):
-    """The per-generation knobs the host passes."""
+    """The per-generation knobs the host passes; ``raw_latent``: the latents are the host VAE's
+    raw latents, normalised for the student's space first (:func:`pid_native.latents.normalise`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -91,6 +99,7 @@ class DecodeRequest(BaseModel):
     caption: str = ""
     seed: int = Field(default=0, ge=0, le=2**64 - 1)
     count: int = Field(default=1, ge=1)
+    raw_latent: bool = False
     width: int = Field(gt=0)
     height: int = Field(gt=0)
 
@@ -172,6 +181,7 @@ class LoadedDecoder:
                     gemma=self.spec.gemma,
                     vae=self.spec.vae,
                     space=self.spec.space,
+                    student=self.spec.student,
                     memory_budget=self.spec.memory_budget_gib,
                 )
             return self._decoder
@@ -185,7 +195,8 @@ class LoadedDecoder:
         progress: Callable[[PluginEvent], None] | None = None,
         cancel: Any = None,
     ) -> DecodeOutput | None:
-        """Decode the host's latents ``[count, C, h, w]`` (normalised frame) with PiD.
+        """Decode the host's latents ``[count, C, h, w]`` (normalised frame, unless
+        ``request.raw_latent``) with PiD.
 
         ``sigma`` is the VP noise level of a captured latent (``CapturePlan.sigma_vp``; 0 for a
         fully denoised one). Returns None when ``request.use_pid`` is false.
@@ -194,6 +205,10 @@ class LoadedDecoder:
             return None
         dec = self._get(progress)
         lat = np.asarray(latents)
+        if request.raw_latent:
+            from .latents import normalise
+
+            lat = normalise(dec.space.name, lat, vae=self.spec.flux2_vae)
         if lat.ndim == 4 and lat.shape[0] != request.count:
             from .errors import InvalidInputError
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import DEFAULT_BATCH_SIZE, Item, ItemResult, Mode
+from .batch import DEFAULT_BATCH_SIZE, Item, ItemResult, Mode, RawLatents
 from .batch import run as run_local
 from .errors import InvalidInputError, MissingDependencyError, PidError
 
@@ -80,6 +80,7 @@ class DecodeBatches:
         mode: Mode = "decode",
         steps: int = 4,
         overwrite: bool = False,
+        raw: RawLatents | None = None,
         **open_kwargs: Any,
     ) -> None:
         """Open the actor's decoder.
@@ -89,6 +90,7 @@ class DecodeBatches:
             mode: ``decode`` (latent files) or ``upscale`` (images).
             steps: sampler steps, 1-4.
             overwrite: redo items whose outputs already exist.
+            raw: the latent files hold raw VAE latents (see :class:`pid_native.batch.RawLatents`).
             **open_kwargs: forwarded to :meth:`pid_native.Decoder.open` (backend, device, gemma,
                 vae, memory_budget, space, ...).
         """
@@ -110,6 +112,7 @@ class DecodeBatches:
         self.mode: Mode = mode
         self.steps = steps
         self.overwrite = overwrite
+        self.raw = raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [Item.model_validate_json(row) for row in batch[ITEM_COLUMN]]
@@ -123,6 +126,7 @@ class DecodeBatches:
                 steps=self.steps,
                 batch_size=len(items),
                 overwrite=self.overwrite,
+                raw=self.raw,
             )
         return {RESULT_COLUMN: np.array([json.dumps(r.to_json()) for r in results], dtype=object)}
 
@@ -139,6 +143,7 @@ def run(
     batch_size: int = DEFAULT_BATCH_SIZE,
     steps: int = 4,
     overwrite: bool = False,
+    raw: RawLatents | None = None,
     **open_kwargs: Any,
 ) -> Iterator[ItemResult]:
     """:func:`pid_native.batch.run` on a Ray cluster, yielding results as batches finish.
@@ -152,7 +157,7 @@ def run(
         workers: actors, each with its own decoder; default: as many as the cluster's CPUs (or
             GPUs when ``gpus_per_worker`` is set) allow.
         cpus_per_worker, gpus_per_worker: Ray resources each actor reserves.
-        batch_size, steps, overwrite: as for :func:`pid_native.batch.run`.
+        batch_size, steps, overwrite, raw: as for :func:`pid_native.batch.run`.
         **open_kwargs: forwarded to :meth:`pid_native.Decoder.open` in every actor.
     """
     if not ray.is_initialized():
@@ -174,6 +179,7 @@ def run(
             "mode": mode,
             "steps": steps,
             "overwrite": overwrite,
+            "raw": raw,
             **open_kwargs,
         },
         # One batch in flight per actor: an actor still loading its decoder queues nothing.

@@ -5,14 +5,16 @@ Layout (format 1)::
     <bundle>/pid-bundle.json        written last: its presence means the bundle is complete
     <bundle>/pid-bundle.lock.json   per component: repo, requested and resolved revision,
                                     every file with its size and sha256
-    <bundle>/<checkpoint>.safetensors
+    <bundle>/checkpoints/<experiment>/model_ema_bf16.pth     (a fetched student, as published;
+                                    or a local checkpoint's file name)
     <bundle>/gemma/config.json, tokenizer.json, one merged *.safetensors
                    (or model.safetensors.index.json and its shards)
     <bundle>/vae/config.json, diffusion_pytorch_model.safetensors      (optional)
 
 ``pid-bundle.json``::
 
-    {"format": 1, "space": "sdxl", "checkpoint": "pid_sdxl_2kto4k.safetensors",
+    {"format": 1, "space": "sdxl", "student": "sdxl-2kto4k" | null,
+     "checkpoint": "checkpoints/PiD_res2kto4k_sr4x_official_sdxl_distill_4step/model_ema_bf16.pth",
      "gemma": "gemma", "vae": "vae" | null,
      "license": {"licences": [{"id": "NSCLv1", "version": "1"}, ...],
                  "accepted_at": "2026-11-25T23:00:00+00:00", "method": "argument"} | null}
@@ -32,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import MissingFileError, ProvisioningError
 from ..latents import latent_space
+from ..students import default_student
+from ..students import student as find_student
 from .licence import Acceptance
 from .manifest import SHARD_INDEX
 
@@ -58,6 +62,7 @@ class BundleFile(BaseModel):
     vae: str | None = None
     license: Acceptance | None = None
     synthetic: str | None = None
+    student: str | None = None
 
 
 class LockedFile(BaseModel):
@@ -79,7 +84,8 @@ class LockedComponent(BaseModel):
         revision: the commit that was fetched.
         local: the local file or directory it was built from (None for Hub components).
         licence: licence id of the weights.
-        preset: PiD only: the network preset the checkpoint was checked against.
+        shrunk: PiD only: the checkpoint was checked as its student's network shrunk (a test mirror).
+        student: PiD only: the student (None for a local checkpoint of open variant).
         files: every file, with size and sha256.
     """
 
@@ -90,7 +96,8 @@ class LockedComponent(BaseModel):
     revision: str | None
     local: str | None
     licence: str
-    preset: str | None = None
+    shrunk: bool = False
+    student: str | None = None
     files: tuple[LockedFile, ...]
 
 
@@ -112,7 +119,8 @@ class Bundle(BaseModel):
     Attributes:
         root: the bundle directory.
         space: canonical latent space of the PiD checkpoint.
-        checkpoint: the PiD ``.safetensors`` file.
+        student: the released student, when known (``flux-2k``...).
+        checkpoint: the PiD checkpoint (``.safetensors`` or upstream's ``.pth``).
         gemma: the Gemma-2-2b-it directory.
         vae: the SDXL VAE directory, if the bundle has one.
         license: the recorded licence acceptance (None for synthetic or unaccepted local bundles).
@@ -124,6 +132,7 @@ class Bundle(BaseModel):
 
     root: Path
     space: str
+    student: str | None
     checkpoint: Path
     gemma: Path
     vae: Path | None
@@ -154,13 +163,17 @@ def pid_native_home() -> Path:
     return Path(cache).expanduser() / "pid-native"
 
 
-def default_bundle_dir(space: str = "sdxl") -> Path:
-    """Where ``provision(space)`` puts its bundle by default: ``<pid_native_home()>/bundles/<space>``.
+def default_bundle_dir(space: str = "sdxl", student: str | None = None) -> Path:
+    """Where ``provision(space, student=...)`` puts its bundle by default:
+    ``<pid_native_home()>/bundles/<space>`` for the space's default student, else
+    ``.../bundles/<student>`` (``flux-2k``).
 
     Raises:
-        InvalidInputError: unknown latent space.
+        InvalidInputError: unknown latent space or student.
     """
-    return pid_native_home() / "bundles" / latent_space(space).name
+    chosen = find_student(student) if student else default_student(space)
+    name = chosen.space if chosen == default_student(chosen.space) else chosen.name
+    return pid_native_home() / "bundles" / name
 
 
 def default_bundle() -> Path:
@@ -258,6 +271,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     return Bundle(
         root=root,
         space=latent_space(info.space).name,
+        student=info.student,
         checkpoint=root / info.checkpoint,
         gemma=root / info.gemma,
         vae=root / info.vae if info.vae is not None else None,

@@ -23,13 +23,23 @@ def add_fetch_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fetch`` to the main command line's sub-parsers."""
     p = subparsers.add_parser(
         "fetch",
-        help="download and verify the PiD weights, Gemma-2 and the SDXL VAE into a bundle",
+        help="download and verify a PiD student, Gemma-2 and the SDXL VAE into a bundle",
         description="Download the weights a decoder needs from the Hugging Face Hub into the Hub cache, "
-        "verify them and assemble a bundle directory. The PiD weights are under the NVIDIA License "
+        "verify them and assemble a bundle directory. The PiD students come from nvidia/PiD, one "
+        "model_ema_bf16.pth each, kept as published. The PiD weights are under the NVIDIA License "
         "(NSCLv1): research and evaluation only, including every image decoded with them; they are not "
         "downloaded before you accept it. Honours HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.",
     )
-    p.add_argument("--space", default="sdxl", help="latent space or model family (default: sdxl)")
+    p.add_argument(
+        "--space",
+        help="latent space or model family (sdxl, flux, zimage, sd3, flux2, flux2-klein-4b, qwenimage, ...): "
+        "its default student (default: sdxl)",
+    )
+    p.add_argument(
+        "--student",
+        help="a student instead of the space's default: flux-2k, flux-2kto4k_v1pt5, flux2-2k, "
+        "flux2-2kto4k_v1pt5, sd3-2k, sd3-2kto4k, sdxl-2kto4k, qwenimage-2kto4k_v1pt5",
+    )
     p.add_argument(
         "--accept-license",
         action="store_true",
@@ -70,20 +80,22 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _bundle(args: argparse.Namespace, space: str) -> Path:
+def _named_bundle(args: argparse.Namespace) -> Path | None:
+    """``--bundle``, else ``$PID_NATIVE_BUNDLE``, else None (the student's default directory)."""
     named = args.bundle or os.environ.get(BUNDLE_ENV)
-    return Path(named) if named else default_bundle_dir(space)
+    return Path(named) if named else None
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
+        "student": args.student,
         "cache_dir": args.cache_dir,
         "token": args.token,
         "offline": True if args.offline else None,
         "include_vae": not args.no_vae,
         "gemma_repo": args.gemma_repo,
         "vae_repo": args.vae_repo,
-        "bundle_dir": _bundle(args, args.space),
+        "bundle_dir": _named_bundle(args),
         "checkpoint": args.checkpoint,
     }
     if args.dry_run:
@@ -99,7 +111,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(_bundle(args, "sdxl"))
+    report = verify(_named_bundle(args) or default_bundle_dir())
     print(report.model_dump_json(indent=2) if args.json else report)
     return 0 if report.ok else 1
 
@@ -126,7 +138,7 @@ def _describe(fp: FetchPlan) -> str:
         for f in fp.files
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"fetch {fp.space} into {fp.bundle} (dry run, nothing downloaded):"]
+    lines = [f"fetch {fp.student or fp.space} into {fp.bundle} (dry run, nothing downloaded):"]
     lines += [
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]

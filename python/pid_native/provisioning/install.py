@@ -48,7 +48,7 @@ from .bundle import (
     partial_dir,
 )
 from .licence import Acceptance, gated_licences, require_acceptance
-from .manifest import COMMIT, Component, ComponentName, load_manifest
+from .manifest import COMMIT, Component, ComponentName, Target, load_manifest
 from .progress import ProgressCallback, Reporter
 from .verify import check_component, check_file, file_digests, verify
 
@@ -90,6 +90,7 @@ class FetchPlan(BaseModel):
 
     Attributes:
         space: the canonical latent space.
+        student: the PiD student (None for a local checkpoint of open variant).
         bundle: where the bundle would go.
         files: every file of the bundle, and whether it must be downloaded.
         licences: ids of the weights' licences (see :func:`pid_native.provisioning.licences`).
@@ -99,6 +100,7 @@ class FetchPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     space: str
+    student: str | None
     bundle: Path
     files: tuple[PlannedFile, ...]
     licences: tuple[str, ...]
@@ -123,8 +125,9 @@ class _HubAccess:
 
 
 def provision(
-    space: str = "sdxl",
+    space: str | None = None,
     *,
+    student: str | None = None,
     accept_license: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
@@ -142,7 +145,10 @@ def provision(
     returned without any network request. Local paths always win over the Hub.
 
     Args:
-        space: latent space or model family (``sdxl``; ``kolors`` and other aliases map to it).
+        space: latent space or model family (``sdxl``, ``flux``, ``qwenimage``...; ``kolors``,
+            ``zimage`` and the other aliases map to theirs): its default student
+            (:data:`pid_native.students.DEFAULT_VARIANT`). Default: sdxl, or the student's space.
+        student: a student instead (``flux-2k``, ``sd3-2k``...; :data:`pid_native.students.STUDENTS`).
         accept_license: accept the NVIDIA License (NSCLv1) of the PiD weights and the Gemma
             Terms of Use. Without it, the user is asked when stdin is a terminal, otherwise
             nothing is downloaded. The acceptance is recorded in the bundle.
@@ -157,7 +163,8 @@ def provision(
         vae_repo: another SDXL VAE repository (e.g. ``madebyollin/sdxl-vae-fp16-fix``), or a
             local directory.
         bundle_dir: where to put the bundle (default: :func:`default_bundle_dir`).
-        checkpoint: a local PiD ``.safetensors`` file to use instead of downloading it.
+        checkpoint: a local PiD checkpoint (``.safetensors`` or ``.pth``) to use instead of
+            downloading it.
 
     Returns:
         The bundle directory, ready for ``pid_native.Decoder.open``.
@@ -168,19 +175,25 @@ def provision(
             ``file_not_found``, ``unexpected_layout``, ``network_unreachable``,
             ``download_interrupted``, ``offline_not_cached``, ``disk_full``,
             ``checksum_mismatch`` and the other integrity codes, ``hub_error``, ``download_failed``.
-        InvalidInputError: unknown space (``unknown_space``), a space with no known Hub
-            repository (``no_hub_weights``), a malformed repository id (``bad_repo_id``),
-            ``bundle_dir`` holding something else (``not_a_bundle``).
+        InvalidInputError: unknown space or student (``unknown_space``, ``unknown_student``), a
+            student not in the repository (``no_hub_weights``), a malformed repository id
+            (``bad_repo_id``), ``bundle_dir`` holding something else (``not_a_bundle``).
         MissingFileError: a local path that does not exist.
+        WeightsError: a deprecated student (``deprecated_student``).
     """
     manifest = load_manifest()
-    canonical, components = manifest.components(
-        space, include_vae=include_vae, checkpoint=checkpoint, gemma=gemma_repo, vae=vae_repo
+    target, components = manifest.components(
+        space,
+        student_name=student,
+        include_vae=include_vae,
+        checkpoint=checkpoint,
+        gemma=gemma_repo,
+        vae=vae_repo,
     )
-    root = Path(bundle_dir).expanduser().resolve() if bundle_dir else default_bundle_dir(canonical)
+    root = Path(bundle_dir).expanduser().resolve() if bundle_dir else _default_dir(target)
     return _assemble(
         root,
-        canonical,
+        target,
         components,
         manifest_version=manifest.version,
         accept=accept_license,
@@ -196,7 +209,8 @@ def build_bundle(
     checkpoint: str | os.PathLike[str],
     gemma: str | os.PathLike[str],
     vae: str | os.PathLike[str] | None = None,
-    space: str = "sdxl",
+    space: str | None = None,
+    student: str | None = None,
     accept_license: bool = False,
     link: LinkMode = "hardlink",
 ) -> Path:
@@ -207,10 +221,11 @@ def build_bundle(
 
     Args:
         bundle_dir: the bundle directory to write.
-        checkpoint: the PiD ``.safetensors`` checkpoint.
+        checkpoint: the PiD checkpoint (``.safetensors``, or upstream's ``.pth``).
         gemma: a Gemma-2-2b-it directory (config.json, tokenizer.json, safetensors).
         vae: an SDXL VAE directory (config.json, diffusion_pytorch_model.safetensors).
-        space: the checkpoint's latent space.
+        space: the checkpoint's latent space, where its name and tensors do not say it.
+        student: the checkpoint's student, likewise (see :func:`pid_native.students.identify`).
         accept_license: record the acceptance of the weights' licences in the bundle.
         link: ``hardlink`` (falls back to copying across file systems), ``symlink`` (the
             bundle then breaks if the originals move) or ``copy``.
@@ -228,12 +243,12 @@ def build_bundle(
     if missing:
         raise MissingFileError(f"cannot build a bundle, not found: {'; '.join(missing)}", "missing_file")
     manifest = load_manifest()
-    canonical, components = manifest.components(
-        space, include_vae=vae is not None, checkpoint=checkpoint, gemma=gemma, vae=vae
+    target, components = manifest.components(
+        space, student_name=student, include_vae=vae is not None, checkpoint=checkpoint, gemma=gemma, vae=vae
     )
     return _assemble(
         Path(bundle_dir).expanduser().resolve(),
-        canonical,
+        target,
         components,
         manifest_version=manifest.version,
         accept=accept_license,
@@ -244,8 +259,9 @@ def build_bundle(
 
 
 def plan(
-    space: str = "sdxl",
+    space: str | None = None,
     *,
+    student: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
@@ -266,12 +282,18 @@ def plan(
         ProvisioningError: as for :func:`provision`.
     """
     manifest = load_manifest()
-    canonical, components = manifest.components(
-        space, include_vae=include_vae, checkpoint=checkpoint, gemma=gemma_repo, vae=vae_repo
+    target, components = manifest.components(
+        space,
+        student_name=student,
+        include_vae=include_vae,
+        checkpoint=checkpoint,
+        gemma=gemma_repo,
+        vae=vae_repo,
     )
-    root = Path(bundle_dir).expanduser().resolve() if bundle_dir else default_bundle_dir(canonical)
+    root = Path(bundle_dir).expanduser().resolve() if bundle_dir else _default_dir(target)
     return FetchPlan(
-        space=canonical,
+        space=target.space,
+        student=target.student.name if target.student else None,
         bundle=root,
         files=tuple(_plan_files(components, _hub_access(components, (cache_dir, token, offline)))),
         licences=tuple(sorted({c.licence for c in components})),
@@ -279,9 +301,13 @@ def plan(
     )
 
 
+def _default_dir(target: Target) -> Path:
+    return default_bundle_dir(target.space, target.student.name if target.student else None)
+
+
 def _assemble(
     root: Path,
-    space: str,
+    target: Target,
     components: list[Component],
     *,
     manifest_version: int,
@@ -295,7 +321,7 @@ def _assemble(
     hub_gated = [lic.id for lic in gated_licences(c.licence for c in components if c.repo)]
     with FileLock(str(root.with_name(f".{root.name}.lock"))):
         prior = _recorded_acceptance(root)
-        if _satisfies(root, space, components, hub_gated, reporter):
+        if _satisfies(root, target, components, hub_gated, reporter):
             reporter.complete(str(root))
             return root
         _refuse_foreign(root)
@@ -311,7 +337,7 @@ def _assemble(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _stage(staging, space, components, files, acceptance, manifest_version, access, link, reporter)
+            _stage(staging, target, components, files, acceptance, manifest_version, access, link, reporter)
             _swap(staging, root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -322,7 +348,7 @@ def _assemble(
 
 def _stage(
     staging: Path,
-    space: str,
+    target: Target,
     components: list[Component],
     files: list[PlannedFile],
     acceptance: Acceptance | None,
@@ -347,7 +373,8 @@ def _stage(
     (staging / BUNDLE_FILE).write_text(
         BundleFile(
             format=1,
-            space=space,
+            space=target.space,
+            student=target.student.name if target.student else None,
             checkpoint=pid.bundle_path,
             gemma="gemma",
             vae="vae" if "vae" in locked else None,
@@ -459,7 +486,7 @@ def _install_component(
 
         hub.record_revision(c, str(mine[0].revision), access.cache_dir)
     try:
-        check_component(c.name, placed, c.preset)
+        check_component(c.name, placed, c.student, shrunk=c.shrunk)
     except WeightsError as exc:
         if c.local is not None:
             raise
@@ -472,7 +499,8 @@ def _install_component(
         revision=mine[0].revision,
         local=str(c.local) if c.local is not None else None,
         licence=c.licence,
-        preset=c.preset if c.name == "pid" else None,
+        shrunk=c.shrunk,
+        student=c.student,
         files=tuple(entries),
     )
 
@@ -619,7 +647,7 @@ def _check_space(
 
 
 def _satisfies(
-    root: Path, space: str, components: list[Component], gated: list[str], reporter: Reporter
+    root: Path, target: Target, components: list[Component], gated: list[str], reporter: Reporter
 ) -> bool:
     """Whether the bundle at ``root`` holds these components (same sources) and verifies."""
     try:
@@ -627,7 +655,8 @@ def _satisfies(
     except (MissingFileError, ProvisioningError):
         return False
     lock = bundle.lock
-    if bundle.space != space or lock is None:
+    student = target.student.name if target.student else None
+    if bundle.space != target.space or bundle.student != student or lock is None:
         return False
     if gated and (bundle.license is None or not bundle.license.covers(gated)):
         return False

@@ -1,18 +1,19 @@
-"""The provisioning manifest: which Hub repositories and files make a bundle, per latent space.
+"""The provisioning manifest: which Hub repositories and files make a bundle, per PiD student.
 
 The manifest is data, ``manifest.json`` next to this module, with a ``version`` that is
 bumped whenever an entry changes (it is recorded in every bundle's lock file). Each
-component (the PiD checkpoint of a space, the Gemma-2-2b-it caption encoder, the SDXL VAE)
-names a default repository and the known alternatives, each with a revision.
+component (the PiD students, the Gemma-2-2b-it caption encoder, the SDXL VAE) names a
+default repository and the known alternatives, each with a revision.
+
+The students come from where upstream publishes them, ``nvidia/PiD`` (nv-tlabs/PiD README,
+"Download Checkpoints"): one file per student, ``checkpoints/<experiment>/model_ema_bf16.pth``
+(:attr:`pid_native.students.Student.hub_file`), never the whole repository. Which spaces
+also take the SDXL VAE (to upscale images) is ``vae_spaces``.
 
 Revisions: a 40-hex commit pins a source; ``"main"`` means "unpinned, whatever the branch
 holds when fetched". Sources stay unpinned until their commits have been checked against
 the real Hub (that cannot be done offline); the lock file of every bundle records the
 commit that was actually fetched, so a provisioned bundle is reproducible either way.
-
-Only repositories confirmed by the prior-art survey are listed: ``SceneWorks/pid-sdxl``
-and ``SceneWorks/pid-qwenimage``. Other latent spaces are provisioned from local files
-(:func:`pid_native.provisioning.build_bundle`).
 
 ``PID_NATIVE_MANIFEST`` may name another manifest file of the same format (a mirror with
 its own repositories or pins).
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import InvalidInputError, MissingFileError, ProvisioningError
 from ..latents import latent_space
+from ..students import Student, default_student, identify, student
 
 MANIFEST_ENV = "PID_NATIVE_MANIFEST"
 PACKAGED_MANIFEST = Path(__file__).with_name("manifest.json")
@@ -39,7 +41,6 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 SHARD_INDEX = "model.safetensors.index.json"
-PID_LICENCE = "NSCLv1"  # every released PiD student
 
 ComponentName = Literal["pid", "gemma", "vae"]
 
@@ -73,12 +74,12 @@ class ComponentSpec(BaseModel):
     Attributes:
         default: the repository used unless the caller names another.
         sources: known repositories (the default among them) with their revisions.
-        files: files that must be fetched, as named in the repository.
+        files: files that must be fetched, as named in the repository (PiD: none here, each
+            student names its own file).
         safetensors: also fetch the weights: the one merged ``*.safetensors`` file if the
             repository has one, otherwise ``model.safetensors.index.json`` and its shards.
-        preset: PiD only: the network preset (``pid_native._native.preset_config``) whose
-            tensor set the checkpoint must hold exactly; None checks only that it is a PiD
-            checkpoint.
+        shrunk: PiD only: the mirror serves each student's network shrunk to the mini goldens'
+            backbone (``NetConfig::shrunk``; test mirrors), not the released one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -87,7 +88,7 @@ class ComponentSpec(BaseModel):
     sources: dict[str, Source]
     files: tuple[str, ...]
     safetensors: bool = False
-    preset: str | None = None
+    shrunk: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ComponentSpec:
@@ -97,15 +98,6 @@ class ComponentSpec(BaseModel):
             if "/" in name or name in ("", ".", ".."):
                 raise ValueError(f"file {name!r} must be a plain file name at the repository root")
         return self
-
-
-class SpaceSpec(BaseModel):
-    """The components of one latent space: its PiD student, and whether the SDXL VAE applies."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pid: ComponentSpec
-    vae: bool
 
 
 class Component(BaseModel):
@@ -120,9 +112,11 @@ class Component(BaseModel):
         gated: the repository needs an access token.
         local: a local PiD file, or a local Gemma / VAE directory.
         licence: licence id of the weights.
-        files: required files (for a local PiD checkpoint: its file name).
+        files: required files, repository-relative (for a local PiD checkpoint: its file name).
         safetensors: also take the merged or sharded ``*.safetensors`` weights.
-        preset: PiD network preset the checkpoint must match, if known.
+        shrunk: PiD only: the checkpoint is its student's network shrunk (see :class:`ComponentSpec`).
+        student: PiD only: the student's name (None for a local checkpoint whose variant its
+            name and tensors leave open).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -135,7 +129,8 @@ class Component(BaseModel):
     licence: str
     files: tuple[str, ...]
     safetensors: bool = False
-    preset: str | None = None
+    shrunk: bool = False
+    student: str | None = None
 
     @property
     def dir(self) -> str:
@@ -186,78 +181,107 @@ class Manifest(BaseModel):
     """Every component pid-native knows how to fetch.
 
     Attributes:
-        format: manifest file format (1).
+        format: manifest file format (2).
         version: content version, bumped whenever a repository, file or pin changes.
-        spaces: per canonical latent space, its PiD student.
-        gemma: the caption encoder (shared by every space).
+        pid: where the students are published (each student's file: its ``hub_file``).
+        vae_spaces: the latent spaces whose bundles also take the SDXL VAE.
+        gemma: the caption encoder (shared by every student).
         vae: the SDXL VAE (upscaling images; optional).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal[1]
+    format: Literal[2]
     version: int
-    spaces: dict[str, SpaceSpec]
+    pid: ComponentSpec
+    vae_spaces: tuple[str, ...]
     gemma: ComponentSpec
     vae: ComponentSpec
 
     def components(
         self,
-        space: str,
+        space: str | None = None,
         *,
+        student_name: str | None = None,
         include_vae: bool = True,
         checkpoint: str | os.PathLike[str] | None = None,
         gemma: str | os.PathLike[str] | None = None,
         vae: str | os.PathLike[str] | None = None,
-    ) -> tuple[str, list[Component]]:
-        """Resolve a request to the canonical latent space and its components.
+    ) -> tuple[Target, list[Component]]:
+        """Resolve a request to the student (or, for a local checkpoint, at least its space) and
+        its components.
 
         Args:
-            space: latent space or model family (``kolors`` -> ``sdxl``).
+            space: latent space or model family (``kolors`` -> ``sdxl``): its default student.
+            student_name: a student (``flux-2k``...) instead of the space's default.
             include_vae: add the SDXL VAE where it applies to the space (or ``vae`` is given).
-            checkpoint: a local PiD ``.safetensors`` file instead of the Hub one.
+            checkpoint: a local PiD checkpoint (``.safetensors`` or ``.pth``) instead of the Hub one;
+                which student it is comes from :func:`pid_native.students.identify`.
             gemma: a local Gemma directory, or a Hub repository ``org/name[@revision]``.
             vae: a local VAE directory, or a Hub repository ``org/name[@revision]``.
 
         Raises:
-            InvalidInputError: unknown space (``unknown_space``), a space whose PiD weights are
-                in no known repository and no local checkpoint (``no_hub_weights``), a
-                malformed repository id (``bad_repo_id``).
+            InvalidInputError: unknown space or student (``unknown_space``, ``unknown_student``), a
+                student not published in the repository and no local checkpoint (``no_hub_weights``),
+                a malformed repository id (``bad_repo_id``), a checkpoint of another space.
             MissingFileError: a local checkpoint that does not exist.
+            WeightsError: a deprecated student, a checkpoint that is no student.
         """
-        canonical = latent_space(space).name
-        entry = self.spaces.get(canonical)
+        licence = self.pid.sources[self.pid.default].licence
         if checkpoint is not None:
             path = Path(checkpoint).expanduser().resolve()
             if not path.is_file():
                 raise MissingFileError(f"PiD checkpoint not found: {path}", "missing_file")
+            found = identify(path, space=space, student_name=student_name)
+            target = Target(space=found.space.name, student=found.student)
             pid = Component(
                 name="pid",
                 local=path,
-                licence=entry.pid.sources[entry.pid.default].licence if entry else PID_LICENCE,
+                licence=licence,
                 files=(path.name,),
-                preset=entry.pid.preset if entry else None,
-            )
-        elif entry is None:
-            raise InvalidInputError(
-                f"no Hub repository is known for {canonical} PiD weights (the manifest has "
-                f"{', '.join(sorted(self.spaces))}); pass a local checkpoint, or build a bundle from local "
-                "files with pid_native.provisioning.build_bundle",
-                "no_hub_weights",
+                shrunk=self.pid.shrunk,
+                student=found.student.name if found.student else None,
             )
         else:
-            pid = _component("pid", entry.pid, None)
+            chosen = student(student_name) if student_name else default_student(space or "sdxl")
+            if space is not None and chosen.space != latent_space(space).name:
+                raise InvalidInputError(
+                    f"student {chosen.name} decodes {chosen.space} latents, not {space}", "wrong_student"
+                )
+            if not chosen.hub:
+                raise InvalidInputError(
+                    f"{chosen.name} is not in {self.pid.default} (upstream's registry no longer lists it); "
+                    "pass a local checkpoint (--checkpoint FILE), or fetch another student",
+                    "no_hub_weights",
+                )
+            target = Target(space=chosen.space, student=chosen)
+            pid = _component("pid", self.pid, None).model_copy(
+                update={"files": (chosen.hub_file,), "student": chosen.name}
+            )
         out = [pid, _component("gemma", self.gemma, gemma)]
-        if include_vae and (vae is not None or (entry is not None and entry.vae)):
+        if include_vae and (vae is not None or target.space in self.vae_spaces):
             out.append(_component("vae", self.vae, vae))
-        return canonical, out
+        return target, out
+
+
+class Target(BaseModel):
+    """What a bundle decodes: the latent space, and the student where it is known."""
+
+    model_config = ConfigDict(frozen=True)
+
+    space: str
+    student: Student | None
+
+    @property
+    def label(self) -> str:
+        return self.student.name if self.student else self.space
 
 
 def _component(
     name: ComponentName, spec: ComponentSpec, override: str | os.PathLike[str] | None
 ) -> Component:
     """A component from its spec, overridden by a local directory or another repository."""
-    common = {"name": name, "files": spec.files, "safetensors": spec.safetensors, "preset": spec.preset}
+    common = {"name": name, "files": spec.files, "safetensors": spec.safetensors, "shrunk": spec.shrunk}
     default_licence = spec.sources[spec.default].licence
     if override is not None and Path(override).expanduser().is_dir():
         return Component(local=Path(override).expanduser().resolve(), licence=default_licence, **common)
@@ -299,12 +323,11 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> Manifest:
 __all__ = [
     "COMPONENT_DIRS",
     "MANIFEST_ENV",
-    "PID_LICENCE",
     "SHARD_INDEX",
     "Component",
     "ComponentSpec",
     "Manifest",
     "Source",
-    "SpaceSpec",
+    "Target",
     "load_manifest",
 ]

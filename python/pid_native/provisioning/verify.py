@@ -1,9 +1,12 @@
-"""Integrity checks: checksums, safetensors headers, the PiD tensor set, and bundle verification.
+"""Integrity checks: checksums, safetensors and ``.pth`` structure, the PiD tensor set, and
+bundle verification.
 
 Everything here is offline and reads files only. A safetensors header is checked to
-describe exactly the bytes in the file (no truncation, no holes, no trailing data); a PiD
-checkpoint must hold exactly the tensors of its network preset (names, shapes, float
-dtypes), with the same rules as the Rust loader (``rust/pid-core/src/weights.rs``).
+describe exactly the bytes in the file (no truncation, no holes, no trailing data); a
+``.pth`` must be a state dict of tensors whose storages are all in the archive (read
+without pickle, by the core); a PiD checkpoint must hold exactly the tensors of its
+student's network (names, shapes, float dtypes), checked by the loader itself
+(``rust/pid-core/src/weights.rs``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from .. import _native
 from ..errors import MissingFileError, ProvisioningError, WeightsError
+from ..students import student as find_student
 from .bundle import BUNDLE_FILE, LOCK_FILE, LockedFile, load_bundle, read_lock
 from .manifest import COMPONENT_DIRS, SHARD_INDEX
 
@@ -27,18 +32,8 @@ _DTYPE_BYTES = {
     "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
-_WEIGHT_DTYPES = ("BF16", "F16", "F32")
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
-# Training-only tensors some released checkpoints carry; the network never reads them.
-_IGNORED_PREFIXES = ("lq_proj.lq_aux_rgb_head.",)
-# Present in every PiD student, whatever its network: a cheap "is this PiD at all" check.
-_PID_CORE = (
-    "y_pos_embedding",
-    "t_embedder.mlp.0.weight",
-    "final_layer.linear.weight",
-    "lq_proj.output_heads.0.weight",
-)
 
 
 class Problem(BaseModel):
@@ -149,53 +144,31 @@ def safetensors_index(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
-def check_pid_checkpoint(path: Path, preset: str | None) -> None:
-    """Check a PiD checkpoint holds exactly the tensors of network ``preset``.
+def pid_config(student: str | None, *, shrunk: bool = False) -> str | None:
+    """The network a PiD checkpoint must be: its student's (shrunk: its mini version, see
+    :class:`~pid_native.provisioning.manifest.ComponentSpec`), else None (any PiD student
+    network, as detected from its tensors)."""
+    return find_student(student).config(shrunk=shrunk) if student else None
 
-    Keys may be bare (converted files) or ``net.``-prefixed (the raw upstream layout, whose
-    other tensors are ignored), as in the Rust loader. With no preset, only checks that the
-    file is a PiD student.
+
+def check_pid_checkpoint(path: Path, student: str | None, *, shrunk: bool = False) -> None:
+    """Check a PiD checkpoint holds exactly the tensors of its network (see :func:`pid_config`).
+
+    Keys may be bare (converted files) or upstream's (``net.*``, the training-only networks
+    beside them ignored), in safetensors or a ``.pth``, as the loader reads them.
 
     Raises:
-        WeightsError: codes ``not_safetensors``/``truncated`` (bad file), ``not_pid``,
-            ``missing_tensor``, ``tensor_shape``, ``tensor_dtype``, ``unexpected_tensor``.
+        WeightsError: codes ``not_safetensors``/``truncated``/``not_pth``/``pth_not_tensors``
+            (bad file), ``missing_tensor``, ``tensor_shape``, ``tensor_dtype``, ``unexpected_tensor``.
     """
-    tensors = safetensors_index(path)
-    prefix = "net." if any(k.startswith("net.") for k in tensors) else ""
-    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if preset is None:
-        absent = [k for k in _PID_CORE if k not in found]
-        if absent:
-            raise WeightsError(f"{path}: not a PiD checkpoint (no {', '.join(absent)})", "not_pid")
-        return
-    from .. import _native
-
-    expected = {
-        name: tuple(shape) for name, shape in _native.checkpoint_layout(_native.preset_config(preset))
-    }
-    for name, shape in expected.items():
-        if name not in found:
-            raise WeightsError(
-                f"{path}: tensor {name!r} (shape {list(shape)}) is missing; the file is not the {preset} "
-                "PiD student",
-                "missing_tensor",
-            )
-        dtype, got = found[name]
-        if got != shape:
-            raise WeightsError(
-                f"{path}: tensor {name!r} has shape {list(got)}, the {preset} network needs {list(shape)}",
-                "tensor_shape",
-            )
-        if dtype not in _WEIGHT_DTYPES:
-            raise WeightsError(
-                f"{path}: tensor {name!r} has dtype {dtype}, expected bf16, f16 or f32", "tensor_dtype"
-            )
-    for name in found:
-        if name not in expected and not name.startswith(_IGNORED_PREFIXES):
-            raise WeightsError(
-                f"{path}: unexpected tensor {name!r}; the file is not the {preset} PiD student",
-                "unexpected_tensor",
-            )
+    config = pid_config(student, shrunk=shrunk)
+    try:
+        _native.inspect_checkpoint(str(path), config)
+    except WeightsError as exc:
+        if student is None:
+            raise
+        network = f"{student} PiD student{' (shrunk)' if shrunk else ''}"
+        raise WeightsError(f"{exc.message} (expected the {network})", exc.code) from None
 
 
 def check_json(path: Path) -> None:
@@ -234,26 +207,31 @@ def check_shard_index(directory: Path) -> None:
 
 
 def check_file(path: Path) -> None:
-    """The per-file format check: safetensors headers and JSON files.
+    """The per-file format check: safetensors headers, ``.pth`` structure and JSON files.
 
     Raises:
-        WeightsError: the file is malformed (see :func:`safetensors_index`, :func:`check_json`).
+        WeightsError: the file is malformed (see :func:`safetensors_index`, :func:`check_json`;
+            a ``.pth`` that is no state dict of tensors: ``not_pth``, ``pth_not_tensors``...).
     """
     if path.suffix == ".safetensors":
         safetensors_index(path)
+    elif path.suffix == ".pth":
+        _native.check_pth(str(path))
     elif path.suffix == ".json":
         check_json(path)
 
 
-def check_component(name: str, paths: list[Path], preset: str | None) -> None:
+def check_component(
+    name: str, paths: list[Path], student: str | None = None, *, shrunk: bool = False
+) -> None:
     """The checks that need all of a component's files: the PiD tensor set, a Gemma shard index.
 
     Raises:
         WeightsError: see :func:`check_pid_checkpoint` and :func:`check_shard_index`.
     """
     if name == "pid":
-        (checkpoint,) = (p for p in paths if p.suffix == ".safetensors")
-        check_pid_checkpoint(checkpoint, preset)
+        (checkpoint,) = paths
+        check_pid_checkpoint(checkpoint, student, shrunk=shrunk)
     for path in paths:
         if path.name == SHARD_INDEX:
             check_shard_index(path.parent)
@@ -295,7 +273,9 @@ def verify(bundle: str | os.PathLike[str]) -> VerifyReport:
                 intact = False
         if intact:
             try:
-                check_component(name, [root / e.path for e in component.files], component.preset)
+                check_component(
+                    name, [root / e.path for e in component.files], component.student, shrunk=component.shrunk
+                )
             except WeightsError as exc:
                 where = component.files[0].path if name == "pid" else COMPONENT_DIRS[name]
                 problems.append(Problem(path=where, code=exc.code, message=exc.message))
@@ -332,6 +312,7 @@ __all__ = [
     "check_pid_checkpoint",
     "check_shard_index",
     "file_digests",
+    "pid_config",
     "safetensors_index",
     "verify",
 ]

@@ -139,9 +139,42 @@ impl NetConfig {
         }
     }
 
-    /// The SDXL student shrunk for tests and synthetic bundles: the topology of the
-    /// `pidnet_sdxl_mini` golden, with every layout rule of the real one.
-    pub fn sdxl_mini() -> Self {
+    /// A released student's network: the v1 backbone (pid_spec §1.1) fed the latent of a space,
+    /// or its v1.5 generation (pid_spec §10.2; upstream `PID_SR4X_V1PT5`, `net.py:63-83`), whose
+    /// adapter is twice as wide. `unpatchify` is flux2 v1.5's 2x2 channel un-packing (1 elsewhere).
+    pub fn released(latent: LatentHint, unpatchify: usize, v15: bool) -> Self {
+        let base = Self {
+            lq_latent_channels: latent.channels,
+            latent_spatial_down_factor: latent.spatial_down_factor,
+            lq_latent_unpatchify_factor: unpatchify,
+            ..Self::sdxl_2kto4k()
+        };
+        if v15 {
+            Self {
+                lq_hidden_dim: 1024,
+                ..base.v15()
+            }
+        } else {
+            base
+        }
+    }
+
+    /// The v1.5 changes to the forward pass: per-token scalar gates, replicate-padded adapter
+    /// convs, NTK reference 2048 and the PiT injection (pid_spec §10.2).
+    fn v15(self) -> Self {
+        Self {
+            lq_gate_type: GateType::SigmaAwarePerToken,
+            lq_conv_padding_mode: PaddingMode::Replicate,
+            rope_ref_h: 2048,
+            rope_ref_w: 2048,
+            pit_lq_inject: true,
+            ..self
+        }
+    }
+
+    /// This network shrunk for tests, synthetic bundles and test mirrors: the backbone of the
+    /// `pidnet_*_mini` goldens and an adapter 16 times narrower, every layout rule kept.
+    pub fn shrunk(self) -> Self {
         Self {
             hidden_size: 128,
             num_groups: 2,
@@ -149,10 +182,15 @@ impl NetConfig {
             pixel_num_groups: 2,
             patch_depth: 4,
             txt_embed_dim: 64,
-            lq_hidden_dim: 32,
+            lq_hidden_dim: self.lq_hidden_dim / 16,
             lq_num_res_blocks: 2,
-            ..Self::sdxl_2kto4k()
+            ..self
         }
+    }
+
+    /// The SDXL student shrunk: the topology of the `pidnet_sdxl_mini` golden.
+    pub fn sdxl_mini() -> Self {
+        Self::sdxl_2kto4k().shrunk()
     }
 
     /// A named preset: `sdxl-2kto4k` (the released student) or `sdxl-mini`.
@@ -507,7 +545,6 @@ impl NetConfig {
                 (h.channels, h.spatial_down_factor, f)
             }
         };
-        let rope_ref = if v15 { 2048 } else { 1024 };
         let cfg = Self {
             in_channels,
             hidden_size,
@@ -523,8 +560,8 @@ impl NetConfig {
             text_rope_theta: 10_000.0,
             use_text_rope: true,
             rope_mode: RopeMode::NtkAware,
-            rope_ref_h: rope_ref,
-            rope_ref_w: rope_ref,
+            rope_ref_h: 1024,
+            rope_ref_w: 1024,
             lq_inject_mode: "controlnet".into(),
             lq_in_channels: 0,
             lq_latent_channels,
@@ -532,22 +569,15 @@ impl NetConfig {
             // latent_proj: conv 0, SiLU 1, conv 2, then the ResBlocks from index 3.
             lq_num_res_blocks: count_from("lq_proj.latent_proj", 3),
             lq_interval,
-            lq_gate_type: if v15 {
-                GateType::SigmaAwarePerToken
-            } else {
-                GateType::SigmaAwarePerTokenPerDim
-            },
-            lq_conv_padding_mode: if v15 {
-                PaddingMode::Replicate
-            } else {
-                PaddingMode::Zeros
-            },
+            lq_gate_type: GateType::SigmaAwarePerTokenPerDim,
+            lq_conv_padding_mode: PaddingMode::Zeros,
             lq_latent_unpatchify_factor: unpatchify,
             latent_spatial_down_factor,
             sr_scale: 4,
-            pit_lq_inject: v15,
+            pit_lq_inject: false,
             lq_aux_rgb_head: shapes.keys().any(|k| k.starts_with(IGNORED_PREFIXES[0])),
         };
+        let cfg = if v15 { cfg.v15() } else { cfg };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -564,6 +594,43 @@ mod tests {
         assert_eq!(t.len(), 456);
         let params: usize = t.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         assert_eq!(params, 1_362_292_874);
+    }
+
+    #[test]
+    fn released_students_detect_as_themselves() {
+        let spaces = [
+            (4, 8, 1, false),
+            (16, 8, 1, false),
+            (128, 16, 1, false),
+            (16, 8, 1, true),
+            (128, 16, 2, true),
+        ];
+        for (channels, down, unpatchify, v15) in spaces {
+            let hint = LatentHint {
+                channels,
+                spatial_down_factor: down,
+            };
+            let cfg = NetConfig::released(hint, unpatchify, v15);
+            cfg.validate().unwrap();
+            let tensors = cfg.expected_tensors();
+            assert_eq!(tensors.len(), if v15 { 461 } else { 456 });
+            let shapes = tensors.into_iter().collect();
+            assert_eq!(
+                NetConfig::from_tensor_shapes(&shapes, Some(hint)).unwrap(),
+                cfg
+            );
+        }
+        assert_eq!(
+            NetConfig::released(
+                LatentHint {
+                    channels: 4,
+                    spatial_down_factor: 8
+                },
+                1,
+                false
+            ),
+            NetConfig::sdxl_2kto4k()
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod net;
 pub mod noise;
 pub mod plan;
+pub mod pth;
 pub mod sampler;
 pub mod vae;
 pub mod weights;

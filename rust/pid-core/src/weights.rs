@@ -1,16 +1,19 @@
-//! Opening and validating safetensors weight files before any model is built.
+//! Opening and validating weight files before any model is built.
 //!
-//! Everything here reads only headers (memory-mapped), so a wrong, truncated or
-//! corrupt file is reported by name before a single tensor is materialised.
+//! Everything here reads only headers (memory-mapped safetensors, a `.pth`'s pickle and zip
+//! directory), so a wrong, truncated or corrupt file is reported by name before a single
+//! tensor is materialised.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::config::{LatentHint, NetConfig, IGNORED_PREFIXES};
+use crate::pth::PthFile;
 use crate::{cuda_device, Error, Result};
 
 /// Memory-map one or more safetensors files (a sharded set is one logical file).
@@ -114,17 +117,52 @@ pub fn tensor_index(st: &MmapedSafetensors) -> BTreeMap<String, (DType, Vec<usiz
         .collect()
 }
 
-/// A PiD student checkpoint: a converted `pid_*.safetensors` (bare keys) or the raw
-/// upstream layout (`net.*` keys, with EMA/teacher/discriminator tensors ignored).
+/// The prefixes upstream's trainer saves beside the student (`net.`): its EMA copy, the DMD
+/// fake-score network and the GAN discriminator. Inference drops them
+/// (`pid_distill_model_infer.py:369-379`, nv-tlabs/PiD @2c8814c).
+pub const TRAINING_PREFIXES: &[&str] = &["net_ema.", "fake_score.", "discriminator."];
+
+/// Bare student names from a checkpoint's stored names, the way upstream's inference loader
+/// reads them: `net.X` is `X`, the training-only networks are dropped, any other name is kept
+/// as it is (a converted file's bare keys). Bare name -> stored name.
+///
+/// Errors when two stored names give the same bare one (`net.X` beside `X`).
+pub fn student_names<'a>(
+    path: &Path,
+    stored: impl IntoIterator<Item = &'a String>,
+) -> Result<BTreeMap<String, String>> {
+    let mut names = BTreeMap::new();
+    for name in stored {
+        if TRAINING_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let bare = name.strip_prefix("net.").unwrap_or(name);
+        if let Some(other) = names.insert(bare.to_string(), name.clone()) {
+            return Err(Error::weights(
+                path,
+                "duplicate_tensor",
+                format!("tensors `{other}` and `{name}` are both the student's `{bare}`; the file is not one checkpoint"),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// A PiD student checkpoint: a converted `pid_*.safetensors` (bare keys), or the upstream
+/// layout (`net.*` keys beside training-only ones, see [`student_names`]) as safetensors or as
+/// the released PyTorch `model_ema_bf16.pth` (read by [`crate::pth`], without pickle).
 pub struct Checkpoint {
     tensors: TensorSet,
 }
 
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let tensors = TensorSet::open(&path, std::slice::from_ref(&path), &["net."])?;
-        Ok(Self { tensors })
+        let path = path.as_ref();
+        let storage = Storage::open(path, std::slice::from_ref(&path.to_path_buf()))?;
+        let names = student_names(path, storage.index().keys())?;
+        Ok(Self {
+            tensors: TensorSet::new(path, storage, names)?,
+        })
     }
 
     /// Open, take the config (given JSON, else detected from the tensors) and validate.
@@ -144,6 +182,16 @@ impl Checkpoint {
 
     pub fn path(&self) -> &Path {
         &self.tensors.path
+    }
+
+    /// Bare name -> (dtype, shape) of every student tensor.
+    pub fn index(&self) -> &BTreeMap<String, (DType, Vec<usize>)> {
+        self.tensors.index()
+    }
+
+    /// The stored bytes of student tensor `name` (little-endian, its own dtype).
+    pub fn raw_bytes(&self, name: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
+        self.tensors.raw_bytes(name)
     }
 
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
@@ -180,11 +228,78 @@ impl Checkpoint {
         self.tensors.var_builder(dtype, device)
     }
 
+    /// Write every student tensor under its bare name, byte for byte as stored (same dtype and
+    /// shape), to the safetensors file `out` with `metadata` in its header: the lossless
+    /// equivalent of this checkpoint. Written to a temporary name and renamed at the end.
+    pub fn save_safetensors(
+        &self,
+        out: &Path,
+        metadata: std::collections::HashMap<String, String>,
+    ) -> Result<()> {
+        let mut views = Vec::with_capacity(self.tensors.index.len());
+        for (name, (dtype, shape)) in &self.tensors.index {
+            let dtype = match dtype {
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::F32 => safetensors::Dtype::F32,
+                DType::F64 => safetensors::Dtype::F64,
+                other => {
+                    return Err(Error::weights(
+                        self.path(),
+                        "tensor_dtype",
+                        format!("tensor `{name}` has dtype {other:?}, not a weight dtype"),
+                    ))
+                }
+            };
+            let data = self.tensors.raw_bytes(name)?;
+            views.push((
+                name.clone(),
+                RawView {
+                    dtype,
+                    shape: shape.clone(),
+                    data,
+                },
+            ));
+        }
+        let partial = out.with_file_name(format!(
+            "{}.{}.partial",
+            out.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("checkpoint"),
+            std::process::id()
+        ));
+        safetensors::serialize_to_file(views, Some(metadata), &partial)
+            .map_err(|e| Error::weights(out, "write_failed", e.to_string()))?;
+        std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))
+    }
+
     fn wrap(&self, e: Error) -> Error {
         match e {
             Error::InvalidInput { code, message } => Error::weights(self.path(), code, message),
             other => other,
         }
+    }
+}
+
+/// One tensor's stored bytes, for writing them unchanged.
+struct RawView<'a> {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: std::borrow::Cow<'a, [u8]>,
+}
+
+impl safetensors::View for RawView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
     }
 }
 
@@ -253,14 +368,53 @@ pub fn check_layout(
     Ok(ignored)
 }
 
-/// The tensors of a set of safetensors files (a sharded checkpoint is one set), addressed by
-/// their names without a prefix: `model.` in a Hugging Face checkpoint, `weights.` in a golden
-/// file, nothing in a bare one.
+/// Where a set's tensors live: memory-mapped safetensors files, or one `.pth` archive.
+enum Storage {
+    Safetensors(MmapedSafetensors),
+    Pth(PthFile),
+}
+
+impl Storage {
+    /// `.pth` (zip) or safetensors, told by the file's first bytes.
+    fn open(path: &Path, files: &[PathBuf]) -> Result<Self> {
+        match files {
+            [one] if crate::pth::is_pth(one) => Ok(Self::Pth(PthFile::open(one)?)),
+            _ => {
+                let st = open_safetensors(files)?;
+                log::trace!("{}: safetensors", path.display());
+                Ok(Self::Safetensors(st))
+            }
+        }
+    }
+
+    fn index(&self) -> BTreeMap<String, (DType, Vec<usize>)> {
+        match self {
+            Self::Safetensors(st) => tensor_index(st),
+            Self::Pth(pth) => pth.index(),
+        }
+    }
+
+    fn load(&self, stored: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(st) => st.load(stored, device),
+            Self::Pth(pth) => pth
+                .tensor(stored, device)
+                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+        }
+    }
+}
+
+/// The tensors of a set of weight files (a sharded checkpoint is one set), addressed by bare
+/// names: without `model.` in a Hugging Face checkpoint, `weights.` in a golden file, `net.` in
+/// an upstream checkpoint.
 pub struct TensorSet {
     /// What messages name: the file, or the directory of a sharded set.
     path: PathBuf,
-    st: MmapedSafetensors,
+    storage: Storage,
+    /// The prefix [`TensorSet::open`] found (`""` for none, and for a checkpoint).
     prefix: String,
+    /// Bare name -> name in the files.
+    names: BTreeMap<String, String>,
     index: BTreeMap<String, (DType, Vec<usize>)>,
 }
 
@@ -269,16 +423,32 @@ impl TensorSet {
     /// tensor name starts with, else none. Names without the prefix are left out.
     pub fn open(path: impl Into<PathBuf>, files: &[PathBuf], prefixes: &[&str]) -> Result<Self> {
         let path = path.into();
-        let st = open_safetensors(files)?;
-        let all = tensor_index(&st);
+        let storage = Storage::open(&path, files)?;
+        let stored = storage.index();
         let prefix = prefixes
             .iter()
-            .find(|p| all.keys().any(|k| k.starts_with(*p)))
+            .find(|p| stored.keys().any(|k| k.starts_with(*p)))
             .copied()
             .unwrap_or_default();
-        let index: BTreeMap<_, _> = all
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v)))
+        let names = stored
+            .keys()
+            .filter_map(|k| Some((k.strip_prefix(prefix)?.to_string(), k.clone())))
+            .collect();
+        let mut set = Self::new(path, storage, names)?;
+        set.prefix = prefix.to_string();
+        Ok(set)
+    }
+
+    fn new(
+        path: impl Into<PathBuf>,
+        storage: Storage,
+        names: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let path = path.into();
+        let stored = storage.index();
+        let index: BTreeMap<_, _> = names
+            .iter()
+            .filter_map(|(bare, s)| Some((bare.clone(), stored.get(s)?.clone())))
             .collect();
         if index.is_empty() {
             return Err(Error::weights(
@@ -289,8 +459,9 @@ impl TensorSet {
         }
         Ok(Self {
             path,
-            st,
-            prefix: prefix.to_string(),
+            storage,
+            prefix: String::new(),
+            names,
             index,
         })
     }
@@ -298,6 +469,11 @@ impl TensorSet {
     /// The prefix found in the file (`""` when none).
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Bare name -> (dtype, shape).
+    pub fn index(&self) -> &BTreeMap<String, (DType, Vec<usize>)> {
+        &self.index
     }
 
     /// [`check_layout`] over this set.
@@ -310,7 +486,31 @@ impl TensorSet {
         check_layout(&self.path, &self.index, expected, what, ignore)
     }
 
-    /// A VarBuilder over the names without the prefix, producing tensors in `dtype` on `device`.
+    /// The raw bytes of tensor `bare` as stored (little-endian, its own dtype).
+    pub fn raw_bytes(&self, bare: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
+        let missing = || {
+            Error::weights(
+                &self.path,
+                "missing_tensor",
+                format!("tensor `{bare}` is not in the file"),
+            )
+        };
+        let stored = self.names.get(bare).ok_or_else(missing)?;
+        match &self.storage {
+            Storage::Pth(pth) => pth
+                .bytes(stored)
+                .map(std::borrow::Cow::Borrowed)
+                .ok_or_else(missing),
+            Storage::Safetensors(st) => {
+                let view = st
+                    .get(stored)
+                    .map_err(|e| Error::weights(&self.path, "not_safetensors", e.to_string()))?;
+                Ok(std::borrow::Cow::Borrowed(view.data()))
+            }
+        }
+    }
+
+    /// A VarBuilder over the bare names, producing tensors in `dtype` on `device`.
     /// Refuses a GPU without the free memory the tensors take in `dtype`, before loading any.
     pub fn var_builder(self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let elements: usize = self
@@ -324,10 +524,42 @@ impl TensorSet {
             bytes,
             &format!("the weights in {}", self.path.display()),
         )?;
-        let vb = VarBuilder::from_backend(Box::new(self.st), dtype, device.clone());
-        Ok(match self.prefix.as_str() {
-            "" => vb,
-            p => vb.pp(p.trim_end_matches('.')),
-        })
+        Ok(VarBuilder::from_backend(
+            Box::new(self),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+impl SimpleBackend for TensorSet {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &shape {
+            candle_core::bail!(
+                "{}: tensor `{name}` has shape {:?}, expected {shape:?}",
+                self.path.display(),
+                tensor.dims()
+            )
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(stored) = self.names.get(name) else {
+            candle_core::bail!("{}: no tensor `{name}`", self.path.display())
+        };
+        self.storage.load(stored, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.names.contains_key(name)
     }
 }

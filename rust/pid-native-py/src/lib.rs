@@ -5,6 +5,7 @@
 
 mod alloc;
 mod caption;
+mod checkpoint;
 mod convert;
 mod decoder;
 mod device;
@@ -18,8 +19,7 @@ use pyo3::types::PyDict;
 
 use errors::{input_error, PyPidError};
 use pid_core::noise::Stream;
-use pid_core::weights::Checkpoint;
-use pid_core::{LatentHint, NetConfig};
+use pid_core::NetConfig;
 
 /// What this extension was built with: crate version, cargo features, candle version, target.
 #[pyfunction]
@@ -42,31 +42,6 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         },
     )?;
     Ok(d)
-}
-
-/// Every tensor a network config reads: `[(name, shape), ...]` in upstream names.
-#[pyfunction]
-fn checkpoint_layout(config: &str) -> Result<Vec<(String, Vec<usize>)>, PyPidError> {
-    Ok(NetConfig::from_json(config)?.expected_tensors())
-}
-
-/// Validate a PiD checkpoint from its header (no tensor is read) and return its config JSON:
-/// the given `config`, else the one detected from the tensors for the latent space.
-#[pyfunction]
-#[pyo3(signature = (path, config=None, latent_channels=None, latent_down_factor=8))]
-fn inspect_checkpoint(
-    py: Python<'_>,
-    path: std::path::PathBuf,
-    config: Option<String>,
-    latent_channels: Option<usize>,
-    latent_down_factor: usize,
-) -> Result<String, PyPidError> {
-    let hint = latent_channels.map(|channels| LatentHint {
-        channels,
-        spatial_down_factor: latent_down_factor,
-    });
-    let (_, cfg) = py.detach(|| Checkpoint::open_validated(&path, config.as_deref(), hint))?;
-    Ok(cfg.to_json())
 }
 
 /// Check that files are complete, readable safetensors (header and length), naming what is wrong.
@@ -178,10 +153,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     alloc::tune();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
-    m.add_function(wrap_pyfunction!(checkpoint_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::checkpoint_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::released_config, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::check_pth, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::convert_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::checkpoint_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian_noise, m)?)?;
     m.add_function(wrap_pyfunction!(preset_config, m)?)?;
-    m.add_function(wrap_pyfunction!(inspect_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::inspect_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(check_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_config, m)?)?;
     m.add_function(wrap_pyfunction!(plan_decode, m)?)?;

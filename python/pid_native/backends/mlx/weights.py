@@ -64,8 +64,25 @@ def regroup_pit_modulation(weight: mx.array, p2: int, dim: int) -> mx.array:
     return weight.reshape(p2, 6, dim, *rest).swapaxes(0, 1).reshape(6 * p2 * dim, *rest)
 
 
+_RAW_DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16}
+
+
+def checkpoint_tensors(path: Path) -> dict[str, mx.array]:
+    """The student tensors of a checkpoint by bare name, in their stored dtype: converted
+    safetensors, or upstream's layout (``net.*`` beside training-only networks) as safetensors
+    or the published ``.pth``, read by the core (names and format as the candle backend reads them)."""
+    arrays = _native.checkpoint_arrays(str(path))
+    tensors = {}
+    for name in list(arrays):
+        tag, values = arrays.pop(name)  # one tensor at a time: the numpy copy never doubles the peak
+        array = mx.array(values)
+        tensors[name] = array.view(_RAW_DTYPES[tag]) if tag in _RAW_DTYPES else array
+    return tensors
+
+
 class Checkpoint:
-    """A PiD student checkpoint: converted (bare keys) or raw upstream (``net.*`` keys, others ignored).
+    """A PiD student checkpoint: converted (bare keys) or upstream's (``net.*`` keys, others
+    ignored; safetensors or ``.pth``).
 
     The core validates it from its header first (presence, shape and dtype of every tensor,
     nothing unknown; the config given or detected for the latent space), then MLX loads it.
@@ -84,9 +101,7 @@ class Checkpoint:
                 str(self.path), config.to_json() if config else None, latent_channels, latent_down_factor
             )
         )
-        tensors = load_safetensors([self.path])
-        prefix = "net." if any(k.startswith("net.") for k in tensors) else ""
-        self.tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.tensors = checkpoint_tensors(self.path)
 
     def mlx_weights(self, cfg: NetConfig) -> list[tuple[str, mx.array]]:
         """The network's tensors in MLX layout (call :meth:`validate` first)."""
@@ -112,7 +127,7 @@ def load_pidnet(
     """Open, validate and load a PiD checkpoint; weights stay resident in their storage dtype.
 
     Args:
-        path: the ``.safetensors`` checkpoint.
+        path: the checkpoint (``.safetensors`` or upstream's ``.pth``).
         config: the network configuration; detected from the tensors when None.
         latent_channels, latent_down_factor: the latent space, needed to detect un-patchifying
             students (flux2 v1.5).
