@@ -65,6 +65,15 @@ def symbol(soname: str) -> str:
     return soname.removeprefix("lib").split(".")[0].replace("-", "_")
 
 
+def package(root: Path, extension: Path) -> Path:
+    """A package ``fakepkg`` whose ``_native`` dlopens ``extension``."""
+    pkg = root / "fakepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_native.py").write_text(f"import ctypes\nanswer = ctypes.CDLL({str(extension)!r}).answer()\n")
+    return root
+
+
 def fake_extension(root: Path, needs: str) -> Path:
     """A package ``fakepkg`` whose ``_native`` dlopens a library with DT_NEEDED on ``needs``.
 
@@ -75,11 +84,18 @@ def fake_extension(root: Path, needs: str) -> Path:
     source = f"int stub_{symbol(needs)}(void);\nint answer(void) {{ return stub_{symbol(needs)}() + 29; }}\n"
     ext = cc(root / "libfakeext.so", source, f"-L{build}", f"-l:{needs}")
     lib.unlink()
-    pkg = root / "fakepkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "_native.py").write_text(f"import ctypes\nanswer = ctypes.CDLL({str(ext)!r}).answer()\n")
-    return root
+    return package(root, ext)
+
+
+# A child's import of the fake extension through the loader: its error message and mapped libraries.
+IMPORT_MESSAGE = """
+try:
+    cudalibs.import_native("fakepkg._native")
+    message = "imported"
+except ImportError as exc:
+    message = str(exc)
+print(json.dumps({"message": message, "maps": mapped()}))
+"""
 
 
 def run(code: str, *path: Path, isolated: bool = True, libraries: Path | None = None) -> dict:
@@ -198,14 +214,7 @@ def test_missing_runtime_library_is_named_with_the_fix(wheels: dict[str, Path], 
     ext = fake_extension(tmp_path, "libcurand.so.10")
     # site_a alone: the CUDA 13 layout without cuRAND.
     out = run(
-        """
-        try:
-            cudalibs.import_native("fakepkg._native")
-            message = "imported"
-        except ImportError as exc:
-            message = str(exc)
-        print(json.dumps({"message": message, "maps": mapped()}))
-        """,
+        IMPORT_MESSAGE,
         ext,
         wheels["site_a"],
     )
@@ -224,14 +233,7 @@ def test_missing_driver_is_named_and_nothing_is_preloaded(wheels: dict[str, Path
         pytest.skip("an NVIDIA driver (libcuda.so.1) is installed here; the test needs it absent")
     ext = fake_extension(tmp_path, "libcuda.so.1")
     out = run(
-        """
-        try:
-            cudalibs.import_native("fakepkg._native")
-            message = "imported"
-        except ImportError as exc:
-            message = str(exc)
-        print(json.dumps({"message": message, "maps": mapped()}))
-        """,
+        IMPORT_MESSAGE,
         ext,
         wheels["site_a"],
         wheels["site_b"],
@@ -241,15 +243,6 @@ def test_missing_driver_is_named_and_nothing_is_preloaded(wheels: dict[str, Path
         "driver (580+ for CUDA 13) or install the CPU build of pid-native"
     )
     assert not [m for m in out["maps"] if "nvidia" in m]
-
-
-def package(root: Path, extension: Path) -> Path:
-    """A package ``fakepkg`` whose ``_native`` dlopens ``extension``."""
-    pkg = root / "fakepkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "_native.py").write_text(f"import ctypes\nanswer = ctypes.CDLL({str(extension)!r}).answer()\n")
-    return root
 
 
 def test_driver_older_than_the_build_is_named_with_its_cuda_version(
@@ -267,14 +260,7 @@ def test_driver_older_than_the_build_is_named_with_its_cuda_version(
     ext = cc(tmp_path / "libfakeext.so", source, f"-L{build}", "-l:libcuda.so.1")
     cc(machine / "libcuda.so.1", version.format(12080))
     out = run(
-        """
-        try:
-            cudalibs.import_native("fakepkg._native")
-            message = "imported"
-        except ImportError as exc:
-            message = str(exc)
-        print(json.dumps({"message": message, "maps": mapped()}))
-        """,
+        IMPORT_MESSAGE,
         package(tmp_path, ext),
         wheels["site_a"],
         libraries=machine,

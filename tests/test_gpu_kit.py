@@ -23,6 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -89,22 +90,28 @@ def test_the_kit_carries_what_the_machine_lacks_and_always_typing_extensions() -
     assert {"pydantic", "numpy", "huggingface-hub", "loguru"} <= names and "torch" not in names
 
 
-def test_a_step_that_runs_out_of_time_is_stopped_with_its_children_and_the_next_runs(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
+def context(out: Path, timeouts: dict[str, float], seconds: float) -> Any:
+    """A CPU run's context writing to ``out``, whose budget ends ``seconds`` from now."""
     ctx = device_check.Context(
         out=out,
-        kit=tmp_path,
-        work=tmp_path,
+        kit=out,
+        work=out,
         device="cpu",
         preset="mini",
         sizes="256",
         repeats=1,
-        goldens=tmp_path,
-        timeouts={"slow": 5, "fast": 30},
-        deadline=time.monotonic() + 60,
+        goldens=out,
+        timeouts=timeouts,
+        deadline=time.monotonic() + seconds,
     )
     ctx.report["steps"] = []
+    return ctx
+
+
+def test_a_step_that_runs_out_of_time_is_stopped_with_its_children_and_the_next_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = context(out, {"slow": 5, "fast": 30}, seconds=60)
     pid_file = tmp_path / "grandchild.pid"
     # The child starts a grandchild that would outlive it, then hangs.
     spawn = (
@@ -127,19 +134,7 @@ def test_a_step_that_runs_out_of_time_is_stopped_with_its_children_and_the_next_
 
 
 def test_a_step_past_the_runs_deadline_is_skipped_not_started(tmp_path: Path) -> None:
-    ctx = device_check.Context(
-        out=tmp_path,
-        kit=tmp_path,
-        work=tmp_path,
-        device="cpu",
-        preset="mini",
-        sizes="256",
-        repeats=1,
-        goldens=tmp_path,
-        timeouts={},
-        deadline=time.monotonic() + 2,
-    )
-    ctx.report["steps"] = []
+    ctx = context(tmp_path, {}, seconds=2)
     row = device_check.run_step(ctx, "late", [sys.executable, "-c", "raise SystemExit(3)"])
     assert row["status"] == "skipped" and "out of time" in row["reason"]
 

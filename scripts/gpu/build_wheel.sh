@@ -8,8 +8,8 @@
 #   gpu-kit/wheels/*.whl.xz             the dependencies the GPU machine lacks (kit.py deps)
 #   gpu-kit/sanitizer/*.whl.xz          compute-sanitizer (NVIDIA's PyPI wheel), unless --no-sanitizer
 #                                       (every wheel is stored xz-compressed: kit.py pack says why)
-#   gpu-kit/reference.tar.gz          the upstream reference's pid/ package, unless --no-reference
-#   gpu-kit/kit.json                  what was built, from which commit, and the sizes
+#   gpu-kit/reference.tar.gz            the upstream reference's pid/ package, unless --no-reference
+#   gpu-kit/kit.json                    what was built, from which commit, and the sizes
 #
 # Then on the GPU machine, from the repository root: OUT=<dir> bash scripts/gpu/device_check.sh
 # (the device tool: carry ["gpu-kit"]). Fails if the working tree plus the kit exceed --limit-mib.
@@ -19,7 +19,7 @@
 #   --no-reference      carry no reference (device_check then records that step as failed)
 #   --wheel FILE        carry this wheel instead of building one (the CI rehearsal: a CPU wheel)
 #   --python-version V  the GPU machine's Python, for the dependency wheels (default 3.12)
-#   --no-sanitizer      leave compute-sanitizer out (13 MiB)
+#   --no-sanitizer      leave compute-sanitizer out (4.4 MiB packed)
 #   --sass LIST         GPU architectures our kernels are also compiled for as machine code (default 90)
 #   --out DIR           default gpu-kit
 #   --limit-mib N       default 60
