@@ -220,8 +220,7 @@ def test_a_swap_is_not_blocked_by_an_old_bundle_windows_could_not_delete(
 
     def rmtree_sparing_held_files(path: Path, ignore_errors: bool = False) -> None:
         assert ignore_errors
-        held = [p for p in Path(path).rglob("held")] if Path(path).exists() else []
-        if not held:
+        if not (Path(path).exists() and any(Path(path).rglob("held"))):
             real_rmtree(path, ignore_errors=True)
             return
         for p in Path(path).rglob("*"):

@@ -678,7 +678,7 @@ def _swap(staging: Path, root: Path) -> None:
     """
     aside = f".{root.name}.old"
     for leftover in root.parent.iterdir():
-        if leftover.name.startswith(aside):
+        if leftover.name == aside or leftover.name.startswith(f"{aside}."):
             shutil.rmtree(leftover, ignore_errors=True)
     old = root.with_name(f"{aside}.{uuid.uuid4().hex}")
     if root.exists():
