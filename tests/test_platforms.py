@@ -52,10 +52,11 @@ def windows_cudalibs(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def windows_wheels(tmp_path: Path) -> tuple[list[Path], dict[str, Path]]:
-    """NVIDIA's Windows wheels in both layouts: CUDA 13 (``cu13/bin/x86_64``) and 12.x
-    (``curand/bin``), with decoys; returns the two roots and, by soname, the DLL to pick."""
+    """NVIDIA's Windows wheels in both layouts: DLLs one directory below ``bin`` (CUDA 13's
+    ``bin/x64``) and in ``bin`` itself (12.x, ``curand/bin``), with decoys; returns the two
+    roots and, by soname, the DLL to pick."""
     a, b = tmp_path / "site_a" / "nvidia", tmp_path / "site_b" / "nvidia"
-    cu13 = a / "cu13" / "bin" / "x86_64"
+    cu13 = a / "cu13" / "bin" / "x64"
     want = {
         "libcudart.so.13": cu13 / "cudart64_13.dll",
         "libcublasLt.so.13": cu13 / "cublasLt64_13.dll",
