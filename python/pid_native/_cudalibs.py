@@ -141,8 +141,9 @@ def explain(
     library = missing_library(error)
     inferred = library is None and WINDOWS
     if inferred:
-        # Windows names no DLL: blame the driver, else the first library not installed.
-        absent = [soname for soname, _ in LIBRARIES if soname not in found]
+        # Windows names no DLL: blame the driver, else the first library not installed (by
+        # its DLL name: a soname would mean nothing there).
+        absent = [dll for soname, dll in LIBRARIES if soname not in found]
         library = DRIVER if not _driver_loads() else (absent[0] if absent else None)
     if library is None:
         return None

@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -698,9 +699,17 @@ def _refuse_foreign(root: Path) -> None:
 
 
 def _swap(staging: Path, root: Path) -> None:
-    """Move the finished staging directory to ``root``, replacing an old bundle there."""
-    old = root.with_name(f".{root.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the finished staging directory to ``root``, replacing an old bundle there.
+
+    The old bundle moves aside under a name of its own, then is deleted: Windows deletes no
+    file another process holds open (a decoder's checkpoint), and what such a file leaves
+    behind must not block the next swap. Earlier leftovers are deleted first.
+    """
+    aside = f".{root.name}.old"
+    for leftover in root.parent.iterdir():
+        if leftover.name == aside or leftover.name.startswith(f"{aside}."):
+            shutil.rmtree(leftover, ignore_errors=True)
+    old = root.with_name(f"{aside}.{uuid.uuid4().hex}")
     if root.exists():
         os.replace(root, old)
     os.replace(staging, root)

@@ -16,6 +16,8 @@
 //! 178-183 there, where the linear GEMM ran 150-192. Packing each key block's keys and
 //! values contiguously (rather than each in one array per head) took 16684 keys from 75 to
 //! 92 GF/s on one thread.
+//!
+//! Compiled for x86-64 only, like `gemm.rs`; elsewhere attention runs through the gemm crate.
 
 use std::cell::RefCell;
 
@@ -189,14 +191,9 @@ fn scores_block(kp: &[f32], d: usize, live: usize, qt: &[f32], scores: &mut [f32
         .enumerate()
     {
         let live = live.saturating_sub(t * MR).min(MR);
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: `attend` checked AVX2 and FMA; the slices hold the (d, MR), (d, NQ) and
         // (MR, NQ) operands the tile reads and writes.
-        unsafe {
-            avx2::scores_tile(d, panel, qt, tile, live, &mut max)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("pid flash attention runs on x86-64 only ({panel:?}, {tile:?}, {live})");
+        unsafe { avx2::scores_tile(d, panel, qt, tile, live, &mut max) };
     }
     max
 }
@@ -227,18 +224,12 @@ fn exp_in_place(scores: &mut [f32], max: &[f32]) -> [f32; NQ] {
 /// for one query panel.
 fn values_block(vp: &[f32], kb: usize, p: &[f32], ot: &mut [f32], rescale: &[f32; NQ]) {
     for (panel, tile) in vp.chunks_exact(kb * MR).zip(ot.chunks_exact_mut(MR * NQ)) {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: `attend` checked AVX2 and FMA; the slices hold the (kb, MR), (kb, NQ) and
         // (MR, NQ) operands the tile reads and writes.
-        unsafe {
-            avx2::values_tile(kb, panel, p, tile, rescale)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("pid flash attention runs on x86-64 only ({panel:?}, {tile:?}, {rescale:?})");
+        unsafe { avx2::values_tile(kb, panel, p, tile, rescale) };
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 

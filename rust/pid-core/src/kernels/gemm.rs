@@ -5,10 +5,12 @@
 //! design runs them at 85-100 (80-90 inside a forward). B is packed once per product into
 //! 16-column panels (a bf16 weight is widened in the same pass), A into 6-row panels per
 //! (row block, depth block) in a per-thread scratch, and a 6 x 16 register tile (12 ymm
-//! accumulators) walks the depth. Row blocks run in parallel and share the packed B. On
-//! other CPUs [`available`] is false and callers use candle.
+//! accumulators) walks the depth. Row blocks run in parallel and share the packed B.
+//!
+//! Compiled for x86-64 only; on an x86-64 CPU without AVX2 and FMA [`available`] is false,
+//! and on other architectures `kernels::avx2_fma` is: callers then use candle's matmul.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -26,16 +28,7 @@ const MC: usize = 192;
 /// Whether this CPU runs [`matmul`]: x86-64 with AVX2 and FMA.
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 /// The right operand `B (k, n)` of a product, packed into panels of [`NR`] columns, each
@@ -54,7 +47,6 @@ pub(crate) trait Widen: Copy + Send + Sync {
     ///
     /// # Safety
     /// AVX2 is available and `p` points at eight readable elements.
-    #[cfg(target_arch = "x86_64")]
     unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
@@ -64,7 +56,6 @@ impl Widen for f32 {
         self
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
@@ -77,7 +68,6 @@ impl Widen for bf16 {
         self.to_f32()
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
@@ -98,11 +88,8 @@ impl PackedB {
             } else {
                 0
             };
-            #[cfg(target_arch = "x86_64")]
             // SAFETY: `whole > 0` only with AVX2 and a whole panel, NR rows of k elements.
-            unsafe {
-                avx2::transpose_panel(w, k, whole, dst)
-            };
+            unsafe { avx2::transpose_panel(w, k, whole, dst) };
             // Depths past the last 8, and panels with fewer than NR columns.
             for p in whole..k {
                 for c in 0..NR {
@@ -216,6 +203,36 @@ pub(crate) fn matmul(x: &Product, b: &PackedB, c: &mut [f32], ldc: usize, parall
     }
 }
 
+thread_local! {
+    /// The last packed weight's buffer, reused by the next linear on this thread: it grows to
+    /// the widest weight once (150 MB in PiD) where a fresh allocation per layer costs more in
+    /// page faults than the packing.
+    static PACKED_WEIGHT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// `x (m, k) W^T + b` by our packed GEMM for a weight `W (n, k)`.
+pub(crate) fn linear<T: Widen>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[T],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let packed = PackedB::from_transposed(w, n, k, PACKED_WEIGHT.take());
+    let mut out = vec![0f32; m * n];
+    let product = Product {
+        a: x,
+        lda: k,
+        m,
+        alpha: 1.0,
+        bias,
+    };
+    matmul(&product, &packed, &mut out, n, true);
+    PACKED_WEIGHT.set(packed.into_buffer());
+    out
+}
+
 /// Rows `rows` of C over column panels `cols`, depth block by depth block.
 ///
 /// # Safety
@@ -273,12 +290,7 @@ fn pack_a(x: &Product, r0: usize, rows: usize, p0: usize, kc: usize, ap: &mut [f
         let src = &x.a[(r0 + i * MR) * x.lda + p0..];
         let panel = &mut ap[i * MR * kc..];
         // Whole panels in blocks of 8 depths through registers, the rest one value at a time.
-        let whole = if cfg!(target_arch = "x86_64") && live == MR {
-            kc / 8 * 8
-        } else {
-            0
-        };
-        #[cfg(target_arch = "x86_64")]
+        let whole = if live == MR { kc / 8 * 8 } else { 0 };
         if whole > 0 {
             assert!(src.len() >= (MR - 1) * x.lda + kc);
             // SAFETY: `matmul` checked AVX2; six rows of `kc` values are readable at `src`
@@ -315,46 +327,40 @@ impl Tile<'_> {
     /// # Safety
     /// `a` and `b` point at `kc x MR` and `kc x NR` floats; `c` at the tile's rows and columns.
     unsafe fn run(&self, kc: usize, a: *const f32, b: *const f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut bias = [0f32; NR];
-            if let Some(src) = self.bias {
-                bias[..src.len()].copy_from_slice(src);
-            }
-            if self.rows == MR && self.cols == NR {
-                avx2::tile(
-                    kc,
-                    a,
-                    b,
-                    self.c,
-                    self.ldc,
-                    self.alpha,
-                    self.overwrite,
-                    &bias,
-                );
-            } else {
-                // Edge tile: run the full tile on a scratch copy, keep the live part.
-                let mut scratch = [0f32; MR * NR];
-                for r in 0..self.rows {
-                    for q in 0..self.cols {
-                        scratch[r * NR + q] = *self.c.add(r * self.ldc + q);
-                    }
+        let mut bias = [0f32; NR];
+        if let Some(src) = self.bias {
+            bias[..src.len()].copy_from_slice(src);
+        }
+        if self.rows == MR && self.cols == NR {
+            avx2::tile(
+                kc,
+                a,
+                b,
+                self.c,
+                self.ldc,
+                self.alpha,
+                self.overwrite,
+                &bias,
+            );
+        } else {
+            // Edge tile: run the full tile on a scratch copy, keep the live part.
+            let mut scratch = [0f32; MR * NR];
+            for r in 0..self.rows {
+                for q in 0..self.cols {
+                    scratch[r * NR + q] = *self.c.add(r * self.ldc + q);
                 }
-                let s = scratch.as_mut_ptr();
-                avx2::tile(kc, a, b, s, NR, self.alpha, self.overwrite, &bias);
-                for r in 0..self.rows {
-                    for q in 0..self.cols {
-                        *self.c.add(r * self.ldc + q) = scratch[r * NR + q];
-                    }
+            }
+            let s = scratch.as_mut_ptr();
+            avx2::tile(kc, a, b, s, NR, self.alpha, self.overwrite, &bias);
+            for r in 0..self.rows {
+                for q in 0..self.cols {
+                    *self.c.add(r * self.ldc + q) = scratch[r * NR + q];
                 }
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("pid gemm runs on x86-64 only ({kc}, {a:?}, {b:?})")
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 

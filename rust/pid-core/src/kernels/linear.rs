@@ -2,17 +2,17 @@
 //!
 //! Parameters stay in the checkpoint's storage dtype (bf16 on CPU halves resident memory)
 //! and are cast to the arithmetic's dtype at use. On the CPU in f32 the product runs our
-//! packed GEMM (`gemm.rs`), or for a few rows against bf16 weights a matrix-vector kernel
-//! that streams each weight once; elsewhere candle's matmul.
-
-use std::cell::Cell;
+//! packed GEMM (`gemm.rs`, x86-64 with AVX2 and FMA), or for a few rows against bf16 weights
+//! a matrix-vector kernel that streams each weight once (every CPU); elsewhere candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu::{cpu_slice, f32_vec};
-use super::{gemm, use_cpu_kernel};
+#[cfg(target_arch = "x86_64")]
+use super::gemm;
+use super::{avx2_fma, use_cpu_kernel};
 
 /// `param` in `dtype`. A forward casts every bf16 weight once and candle's cast is
 /// single-threaded, so bf16 -> f32 on the CPU runs on all threads instead.
@@ -68,8 +68,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dtype: DType) 
     let rows = x.dim(0)?;
     let cpu_op = use_cpu_kernel(&x)
         && match weight.dtype() {
-            DType::BF16 => rows <= MATVEC_ROWS || gemm::available(),
-            DType::F32 => gemm::available(),
+            DType::BF16 => rows <= MATVEC_ROWS || avx2_fma(),
+            DType::F32 => avx2_fma(),
             _ => false,
         };
     if cpu_op {
@@ -118,43 +118,20 @@ impl CustomOp2 for CpuLinear {
             CpuStorage::BF16(_) if m <= MATVEC_ROWS => {
                 bf16_matvec(x, m, k, cpu_slice::<bf16>(ws, wl, self.name())?, n, bias)
             }
+            #[cfg(target_arch = "x86_64")]
             CpuStorage::BF16(_) => {
-                packed_linear(x, m, k, cpu_slice::<bf16>(ws, wl, self.name())?, n, bias)
+                gemm::linear(x, m, k, cpu_slice::<bf16>(ws, wl, self.name())?, n, bias)
             }
-            _ => packed_linear(x, m, k, cpu_slice::<f32>(ws, wl, self.name())?, n, bias),
+            #[cfg(target_arch = "x86_64")]
+            _ => gemm::linear(x, m, k, cpu_slice::<f32>(ws, wl, self.name())?, n, bias),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => candle_core::bail!(
+                "{}: {m} rows need the packed GEMM (x86-64 only)",
+                self.name()
+            ),
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
-}
-
-thread_local! {
-    /// The last packed weight's buffer, reused by the next linear on this thread: it grows to
-    /// the widest weight once (150 MB in PiD) where a fresh allocation per layer costs more in
-    /// page faults than the packing.
-    static PACKED_WEIGHT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// `x (m, k) W^T + b` by our packed GEMM for a weight `W (n, k)`.
-fn packed_linear<T: gemm::Widen>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[T],
-    n: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let packed = gemm::PackedB::from_transposed(w, n, k, PACKED_WEIGHT.take());
-    let mut out = vec![0f32; m * n];
-    let product = gemm::Product {
-        a: x,
-        lda: k,
-        m,
-        alpha: 1.0,
-        bias,
-    };
-    gemm::matmul(&product, &packed, &mut out, n, true);
-    PACKED_WEIGHT.set(packed.into_buffer());
-    out
 }
 
 /// `y = x W^T + b` for a few f32 rows `x (m, k)` and bf16 `W (n, k)`, each weight read once

@@ -16,8 +16,10 @@ mod attention;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-pub(crate) mod flash;
-pub(crate) mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod flash;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod linear;
 mod pixel_mlp;
 
@@ -62,6 +64,15 @@ fn use_kernel(t: &Tensor) -> bool {
         && t.device().is_cuda()
         && matches!(t.dtype(), DType::F32 | DType::BF16)
         && enabled()
+}
+
+/// Whether this CPU runs our AVX2/FMA kernels (`gemm.rs`, `flash.rs`), which exist on x86-64
+/// only; elsewhere linear layers take candle's matmul and attention the gemm crate.
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return gemm::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether an op on `t` runs one of our CPU kernels.
