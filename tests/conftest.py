@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,16 @@ def imported_by(code: str, modules: Sequence[str]) -> list[str]:
     probe = f"{code}\nimport sys\nprint([m for m in {list(modules)!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def console_sigint() -> Iterator[None]:
+    """SIGINT handled as in a console, for the tests of Ctrl-C. A test run started in the
+    background by a non-interactive shell inherits SIGINT ignored; CPython then installs no
+    handler, so neither this process nor the ones it starts would ever see a Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

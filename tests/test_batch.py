@@ -158,6 +158,7 @@ def test_api_run_cancelled_mid_decode_then_resumed_matches_one_by_one(dec, tmp_p
     assert {r.status for r in batch.run(dec, items, steps=2)} == {"skipped"}
 
 
+@pytest.mark.usefixtures("console_sigint")
 def test_cli_manifest_interrupted_by_ctrl_c_then_resumed(synth_bundle: Path, tmp_path: Path) -> None:
     manifest, _ = write_manifest(tmp_path)
     out = tmp_path / "out"

@@ -121,6 +121,7 @@ def test_cancel_stops_at_the_next_step_and_the_decoder_stays_usable(dec: Decoder
     assert dec.decode(latents(), caption_embs=embs()).shape == (1, 3, 64, 96)
 
 
+@pytest.mark.usefixtures("console_sigint")
 def test_ctrl_c_interrupts_a_decode(dec: Decoder) -> None:
     def progress(e: ProgressEvent) -> None:
         if str(e) == "step 2/4":

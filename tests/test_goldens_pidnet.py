@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import golden_files, golden_metadata, is_full_topology
+from conftest import GOLDENS, golden_files, golden_metadata, is_full_topology
 from pid_native import _native
+from pid_native.testing import seeded
 from pid_native.testing.goldens import (
     IMAGE_TOL,
     SAMPLE,
@@ -97,3 +98,30 @@ def test_pid_goldens_adds_directories_of_any_kinds(tmp_path: Path, monkeypatch: 
     assert golden_files("pidnet") == [*bundled["pidnet"], extra / "new.safetensors"]
     assert golden_files("gemma2") == bundled["gemma2"]
     assert golden_files("sdxl_vae") == bundled["sdxl_vae"]
+
+
+def test_full_size_seeded_weights_are_shards_shared_between_topologies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over ``SHARD_BYTES`` a seeded checkpoint is a shard index whose modules other topologies
+    reuse; the core reads it as the one-file checkpoint, tensor for tensor."""
+    layouts = {
+        name: _native.checkpoint_layout(golden_metadata(GOLDENS / f"{name}.safetensors")["config"])
+        for name in ("pidnet_sdxl_mini", "pidnet_v1_16ch_mini")
+    }
+    whole = {name: seeded.cached_seeded(tmp_path / "whole", layout) for name, layout in layouts.items()}
+    monkeypatch.setattr(seeded, "SHARD_BYTES", 0)
+    sharded = tmp_path / "sharded"
+    first = seeded.cached_seeded(sharded, layouts["pidnet_sdxl_mini"])
+    shards = set(sharded.glob("*.safetensors"))
+    second = seeded.cached_seeded(sharded, layouts["pidnet_v1_16ch_mini"])
+    modules = {seeded.module_of(name) for name, _ in layouts["pidnet_v1_16ch_mini"]}
+    new = set(sharded.glob("*.safetensors")) - shards
+    assert first.name.endswith(".safetensors.index.json") and len(shards) == len(modules)
+    # Only the modules the 16-channel latent changes (its adapter) are written again.
+    assert 0 < len(new) < len(modules) // 4, sorted(p.name for p in new)
+    for name, index in (("pidnet_sdxl_mini", first), ("pidnet_v1_16ch_mini", second)):
+        got, want = _native.checkpoint_arrays(str(index)), _native.checkpoint_arrays(str(whole[name]))
+        assert got.keys() == want.keys()
+        for key, (tag, values) in want.items():
+            assert got[key][0] == tag and np.array_equal(got[key][1], values), key

@@ -127,13 +127,16 @@ def _reference_checkout() -> Path | None:
     return path if (path / "pid" / "_src" / "networks" / "pid_net.py").is_file() else None
 
 
-@pytest.mark.skipif(
+needs_reference = pytest.mark.skipif(
     # torch alone is not enough: the diffusers extra brings it without the reference side's others.
     _reference_checkout() is None
     or any(importlib.util.find_spec(m) is None for m in ("torch", "loguru", "pynvml")),
     reason="needs the reference extra (pip install '.[reference]') and a checkout of nv-tlabs/PiD "
     "($PID_REFERENCE, default ../ref/PiD)",
 )
+
+
+@needs_reference
 def test_reference_comparison_runs_both_sides(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     reference = str(_reference_checkout())
@@ -146,4 +149,20 @@ def test_reference_comparison_runs_both_sides(tmp_path: Path) -> None:
         assert row[side]["seconds"][0] > 0 and row[side]["peak_memory_bytes"] > 0
     assert row["time_ratio"] > 0 and row["memory_ratio"] > 0
     # The same network on the same inputs: float32 both sides.
+    assert row["max_abs_diff"] <= 5e-4
+
+
+@needs_reference
+def test_both_sides_read_a_sharded_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seeded cache keeps full-size networks as shards; the comparison opens them on both sides."""
+    from pid_native import _native
+    from pid_native.testing import seeded
+    from pid_native.testing.reference import Comparison
+
+    monkeypatch.setattr(seeded, "SHARD_BYTES", 0)
+    layout = _native.checkpoint_layout(golden_metadata(GOLDENS / "pidnet_sdxl_mini.safetensors")["config"])
+    index = seeded.cached_seeded(tmp_path, layout)
+    assert index.name.endswith(".index.json")
+    (row,) = Comparison(_reference_checkout(), index, [1.0, 0.0], threads=2).rows([64], tmp_path)
+    assert "error" not in row["ours"] and "error" not in row["torch"], row
     assert row["max_abs_diff"] <= 5e-4

@@ -177,8 +177,9 @@ class Decoder:
         where the file does not, and must agree with it.
 
         Args:
-            path: a PiD checkpoint (a converted ``.safetensors``, or upstream's ``model_ema_bf16.pth``
-                as published, read without pickle), or a bundle directory written by
+            path: a PiD checkpoint (a converted ``.safetensors``, the ``*.safetensors.index.json``
+                of a sharded one, or upstream's ``model_ema_bf16.pth`` as published, read without
+                pickle), or a bundle directory written by
                 ``pid-native fetch`` / ``pid_native.provision()`` (checkpoint + ``gemma/`` + ``vae/``).
             backend: ``"auto"``, ``"candle-cpu"``, ``"candle-cuda"``, ``"mlx"`` or a registered name.
             device: backend device string (``"cpu"``, ``"cuda:0"``); the backend's default if None.

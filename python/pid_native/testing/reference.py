@@ -126,10 +126,15 @@ class Comparison:
             net = PidNet(**config)
         # Upcast one tensor at a time, as the upstream loader does, so loading does not set the peak.
         state = {}
-        with safe_open(str(self.checkpoint), "pt", device=device) as f:
-            for name in f.keys():
-                if not name.startswith("lq_proj.lq_aux_rgb_head."):
-                    state[name.removeprefix("net.")] = f.get_tensor(name).float()
+        files = [self.checkpoint]
+        if self.checkpoint.name.endswith(".index.json"):  # shards (the seeded cache's full-size ones)
+            weight_map = json.loads(self.checkpoint.read_text())["weight_map"]
+            files = sorted({self.checkpoint.parent / shard for shard in weight_map.values()})
+        for file in files:
+            with safe_open(str(file), "pt", device=device) as f:
+                for name in f.keys():
+                    if not name.startswith("lq_proj.lq_aux_rgb_head."):
+                        state[name.removeprefix("net.")] = f.get_tensor(name).float()
         net.load_state_dict(state, assign=True)
         del state
         net.eval()

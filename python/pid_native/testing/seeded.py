@@ -13,8 +13,14 @@ then rounded to bfloat16 (nearest, ties to even) and stored as bfloat16 with ups
 names. The writer streams one tensor at a time, so the full 1.36 B-parameter SDXL
 topology (2.7 GB) never sits in memory twice.
 
+A cache (:func:`cached_seeded`) keeps each layout once. A layout over :data:`SHARD_BYTES` is
+kept as one shard per top-level module (``blocks.3``, ``x_embedder``) and a
+``.safetensors.index.json`` naming them: a shard's values depend only on its tensors' names,
+shapes and the salt, so the full-size topologies, which differ in a few modules, share the
+rest (the five of the goldens take 3.4 GB instead of 13.8).
+
 This module only needs NumPy: the Rust test-suite runs it as a script
-(``python seeded.py --layout layout.json --out weights.safetensors``).
+(``python seeded.py --layout layout.json --cache DIR``, printing the checkpoint's path).
 """
 
 from __future__ import annotations
@@ -121,24 +127,57 @@ def layout_key(layout: Layout) -> str:
     return f"{h:016x}"
 
 
+SHARD_BYTES = 1 << 30
+"""Layouts of more bytes than this are cached as shards of their top-level modules."""
+
+
+def module_of(name: str) -> str:
+    """The top-level module a tensor belongs to: ``blocks.3`` for ``blocks.3.attn.qkv.weight``,
+    ``x_embedder`` for ``x_embedder.proj.weight``."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
 def cached_seeded(cache_dir: str | os.PathLike[str], layout: Layout, salt: str = "") -> Path:
-    """A seeded-v1 checkpoint for ``layout`` in ``cache_dir``, written on first use."""
+    """A seeded-v1 checkpoint for ``layout`` in ``cache_dir``, written on first use: one
+    ``.safetensors`` file, or over :data:`SHARD_BYTES` a ``.safetensors.index.json`` and its
+    shards, each shard shared with every layout holding the same module."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{RECIPE}-{salt}-{layout_key(layout)}.safetensors"
-    if not path.exists():
-        write_seeded(path, layout, salt=salt)
-    return path
+    stem = f"{RECIPE}-{salt}-{layout_key(layout)}"
+    if sum(2 * math.prod(shape) for _, shape in layout) <= SHARD_BYTES:
+        path = cache / f"{stem}.safetensors"
+        if not path.exists():
+            write_seeded(path, layout, salt=salt)
+        return path
+    index = cache / f"{stem}.safetensors.index.json"
+    if index.exists():
+        return index
+    modules: dict[str, list[tuple[str, Sequence[int]]]] = {}
+    for name, shape in layout:
+        modules.setdefault(module_of(name), []).append((name, shape))
+    weight_map = {}
+    for module, part in modules.items():
+        shard = f"{RECIPE}-{salt}-{module}-{layout_key(part)}.safetensors"
+        if not (cache / shard).exists():
+            write_seeded(cache / shard, part, salt=salt)
+        weight_map.update((name, shard) for name, _ in part)
+    # Written last and renamed into place: an index on disk names only complete shards.
+    tmp = index.with_name(f"{index.name}.{os.getpid()}.partial")
+    metadata = {"weights": RECIPE, "weights_salt": salt}
+    tmp.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}))
+    os.replace(tmp, index)
+    return index
 
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, help="JSON list of [name, shape] pairs")
-    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--cache", required=True, help="the cache directory")
     parser.add_argument("--salt", default="")
     args = parser.parse_args()
     layout = json.loads(Path(args.layout).read_text())
-    write_seeded(args.out, [(n, s) for n, s in layout], salt=args.salt)
+    print(cached_seeded(args.cache, [(n, s) for n, s in layout], salt=args.salt))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,37 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     })
 }
 
+/// Whether `path` names a shard index (`*.safetensors.index.json`) rather than weights.
+pub fn is_shard_index(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".index.json"))
+}
+
+/// The shard files a Hugging Face style `*.safetensors.index.json` names in its `weight_map`,
+/// relative to the index's directory, each once and sorted.
+pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let bad = |why: String| Error::weights(index, "shard_index", format!("{why}; re-download it"));
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files = parsed
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?
+        .values()
+        .map(|f| {
+            f.as_str()
+                .map(|f| dir.join(f))
+                .ok_or_else(|| bad(format!("`weight_map` holds {f}, not a file name")))
+        })
+        .collect::<Result<Vec<PathBuf>>>()?;
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// A parsed safetensors header and its byte length.
 pub struct Header {
     pub header_len: u64,
@@ -150,7 +181,8 @@ pub fn student_names<'a>(
 
 /// A PiD student checkpoint: a converted `pid_*.safetensors` (bare keys), or the upstream
 /// layout (`net.*` keys beside training-only ones, see [`student_names`]) as safetensors or as
-/// the released PyTorch `model_ema_bf16.pth` (read by [`crate::pth`], without pickle).
+/// the released PyTorch `model_ema_bf16.pth` (read by [`crate::pth`], without pickle); or the
+/// shards a `*.safetensors.index.json` lists, as one checkpoint.
 pub struct Checkpoint {
     tensors: TensorSet,
 }
@@ -158,7 +190,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let storage = Storage::open(path, std::slice::from_ref(&path.to_path_buf()))?;
+        let files = if is_shard_index(path) {
+            shard_files(path)?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let storage = Storage::open(path, &files)?;
         let names = student_names(path, storage.index().keys())?;
         Ok(Self {
             tensors: TensorSet::new(path, storage, names)?,

@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::kernels::AttentionBudget;
 use crate::net::Linear;
-use crate::weights::{read_metadata, TensorSet};
+use crate::weights::{read_metadata, shard_files, TensorSet};
 use crate::{Error, Result};
 
 /// The `config.json` fields the text model uses (HF `Gemma2Config` names and defaults).
@@ -268,30 +268,7 @@ impl GemmaWeights {
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::weights(
-                &index,
-                "shard_index",
-                format!("not valid JSON ({e}); re-download it"),
-            )
-        })?;
-        let mut files: Vec<PathBuf> = parsed
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::weights(
-                    &index,
-                    "shard_index",
-                    "no `weight_map` object; re-download it",
-                )
-            })?
-            .values()
-            .filter_map(|f| f.as_str().map(|f| dir.join(f)))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+        return shard_files(&index);
     }
     let merged = dir.join("model.safetensors");
     if merged.is_file() {

@@ -165,3 +165,56 @@ fn output_size_must_be_a_multiple_of_the_patch() {
         "{err}"
     );
 }
+
+#[test]
+fn a_shard_index_is_one_checkpoint_and_a_missing_shard_is_named() {
+    let whole = mini_checkpoint();
+    let all = load_all(&whole);
+    // Split by the first name component, as the seeded cache shards its full-size checkpoints.
+    let mut shards: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
+    for (name, t) in &all {
+        let group = name.split('.').next().unwrap().to_string();
+        shards
+            .entry(group)
+            .or_default()
+            .insert(name.clone(), t.clone());
+    }
+    assert!(shards.len() > 1);
+    let mut weight_map = serde_json::Map::new();
+    for (group, tensors) in &shards {
+        let file = format!("shard-{group}.safetensors");
+        save(tensors, &file);
+        for name in tensors.keys() {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+    }
+    let index = tmp("mini.safetensors.index.json");
+    std::fs::write(
+        &index,
+        serde_json::json!({ "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+
+    let (sharded, reference) = (
+        Checkpoint::open(&index).unwrap(),
+        Checkpoint::open(&whole).unwrap(),
+    );
+    assert_eq!(sharded.index(), reference.index());
+    for name in reference.index().keys() {
+        assert_eq!(
+            sharded.raw_bytes(name).unwrap(),
+            reference.raw_bytes(name).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(check(&index, None).unwrap(), check(&whole, None).unwrap());
+
+    let (group, _) = shards.iter().next().unwrap();
+    std::fs::remove_file(tmp(&format!("shard-{group}.safetensors"))).unwrap();
+    let err = Checkpoint::open(&index).err().unwrap();
+    assert_eq!(err.code(), "missing_file");
+    assert!(err.to_string().contains(&format!("shard-{group}")), "{err}");
+
+    std::fs::write(&index, "{\"metadata\": {}}").unwrap();
+    assert_eq!(code(check(&index, None)), "shard_index");
+}
