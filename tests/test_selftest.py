@@ -127,6 +127,8 @@ def _reference_checkout() -> Path | None:
     return path if (path / "pid" / "_src" / "networks" / "pid_net.py").is_file() else None
 
 
+# Runs where the reference extra and a checkout of nv-tlabs/PiD are present (a developer's machine,
+# the GPU kit's device check); CI has no checkout, so there both tests skip with this reason.
 needs_reference = pytest.mark.skipif(
     # torch alone is not enough: the diffusers extra brings it without the reference side's others.
     _reference_checkout() is None

@@ -52,7 +52,7 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
 }
 
 /// Whether `path` names a shard index (`*.safetensors.index.json`) rather than weights.
-pub fn is_shard_index(path: &Path) -> bool {
+fn is_shard_index(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.ends_with(".index.json"))
